@@ -96,6 +96,7 @@ class TrainConfig:
     out_dir: str = "runs/default"  # checkpoints, metrics.jsonl and config.yaml go here
     checkpoint_every: int = 500  # write a checkpoint every N steps (and always at the end)
     log_every: int = 10  # write a metrics line every N steps
+    keep_epoch_checkpoints: bool = False  # also keep checkpoint_epochNNN.pt at the end of every epoch
 
 
 @dataclass

@@ -1,0 +1,303 @@
+"""I-JEPA: context encoder, EMA target encoder, narrow predictor with mask tokens, and the loss.
+
+Notation of the paper (Assran et al., 2023, Sec. 3), with the code that computes it:
+
+* image y, split into N non-overlapping patches; the grid is `img_size // patch_size` per side;
+* **targets** (Eq. in Sec. 3, "Targets"):  s_y = f_theta_bar(y), the *target encoder* on the full image, then
+  layer-normed over the feature dimension, then the M target blocks are selected:
+  s_y(i) = {s_y_j : j in B_i}                                                     -> `IJEPA.forward_target`
+* **context**: s_x = f_theta(x), the *context encoder* on the kept patches only     -> `IJEPA.forward_context`
+* **prediction**: s_hat_y(i) = g_phi(s_x, {m_j}_{j in B_i}), where each mask token m_j is a shared learned
+  vector plus the positional embedding of patch j                                    -> `IJEPA.predict`
+* **loss** (Eq. 1):  1/M sum_i sum_{j in B_i} || s_hat_y_j - s_y_j ||_2^2            -> `IJEPA.loss`
+  (the official code uses smooth-L1 averaged over elements; the paper's L2 is `loss='mse'`)
+* **EMA**: theta_bar <- m * theta_bar + (1 - m) * theta after every optimiser step   -> `IJEPA.update_target`
+
+Parameter names match the official checkpoints (facebookresearch/ijepa, src/models/vision_transformer.py), so a
+released state dict loads with `strict=True` once the `module.` prefix is stripped: the encoders use timm's
+names (`patch_embed.proj`, `pos_embed`, `blocks.i.*`, `norm`), the predictor `predictor_embed`, `mask_token`,
+`predictor_pos_embed`, `predictor_blocks.i.*`, `predictor_norm`, `predictor_proj`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+from ijepa_viz.config import ModelConfig
+from ijepa_viz.masks import Masks
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions, (grid_size**2, dim), in the MAE / I-JEPA layout.
+
+    The first dim/2 channels encode the column (x) and the last dim/2 the row (y); each half is
+    [sin(p * w_k), cos(p * w_k)] with w_k = 10000 ** (-k / (dim/4)), k = 0 .. dim/4 - 1.
+    (timm's `build_sincos2d_pos_embed` orders the channels differently, so the official checkpoints'
+    `pos_embed` would not match it.)
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
+    pos = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")  # (G, G) each
+
+    def enc(p):  # (G*G,) -> (G*G, dim/2)
+        out = p.reshape(-1, 1) * omega  # outer product
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([enc(cols), enc(rows)], dim=1).float()  # (G*G, dim)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Select tokens by patch index: x (B, N, D), idx (B, *S) -> (B, *S, D)."""
+    B, D = x.shape[0], x.shape[-1]
+    flat = idx.reshape(B, -1)  # (B, K)
+    out = torch.gather(x, 1, flat.unsqueeze(-1).expand(-1, -1, D))  # (B, K, D)
+    return out.view(*idx.shape, D)
+
+
+def _init_weights(module: nn.Module, std: float) -> None:
+    """Official init: truncated-normal linear/conv weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _rescale_blocks(blocks: nn.ModuleList) -> None:
+    """Official `fix_init_weight`: divide each residual branch's output weight by sqrt(2 * layer)."""
+    for i, blk in enumerate(blocks, start=1):
+        blk.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
+        blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
+
+
+def _blocks(dim, depth, heads, mlp_ratio, qkv_bias, drop_path, eps) -> nn.ModuleList:
+    dpr = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth decay rule
+    norm = partial(nn.LayerNorm, eps=eps)
+    return nn.ModuleList(
+        Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm)
+        for i in range(depth)
+    )
+
+
+# -- encoder ------------------------------------------------------------------------------------
+
+class VisionTransformer(nn.Module):
+    """ViT encoder without a CLS token: patchify, add fixed sin-cos positions, keep tokens, blocks, LayerNorm.
+
+    Args mirror `ModelConfig`. `forward(images, keep)` takes images (B, C, H, W) and optional kept patch
+    indices (B, K); it returns (B, K, D), or (B, N, D) when `keep` is None.
+    """
+
+    def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=12, num_heads=3,
+                 mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, norm_eps=1e-6, init_std=0.02):
+        super().__init__()
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        pos = sincos_pos_embed_2d(embed_dim, self.grid_size).unsqueeze(0)  # (1, N, D)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed, as in the official code
+        self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate, norm_eps)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        _init_weights(self, init_std)
+        _rescale_blocks(self.blocks)
+
+    def embed(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Patch embedding plus positions, then (optionally) keep tokens: (B, C, H, W) -> (B, K or N, D)."""
+        x = self.patch_embed(images) + self.pos_embed  # (B, N, D): positions added BEFORE masking
+        return x if keep is None else gather_tokens(x, keep)  # (B, K, D)
+
+    def forward(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.embed(images, keep)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)  # (B, K or N, D)
+
+    def intermediate_layers(self, images: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """Outputs of the last n blocks, each passed through the final norm: n tensors of (B, N, D)."""
+        x, outs = self.embed(images), []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - n:
+                outs.append(self.norm(x))
+        return outs
+
+
+# -- predictor ----------------------------------------------------------------------------------
+
+class Predictor(nn.Module):
+    """The narrow predictor g_phi: a ViT of width Dp over [context tokens, mask tokens].
+
+    1. project the context tokens D -> Dp and add the predictor's positions at the context indices;
+    2. one mask token per target patch: the shared learned `mask_token` plus the position at that index;
+    3. run the blocks and the norm on the concatenation, one sequence per (image, target block);
+    4. keep the mask-token outputs and project them Dp -> D.
+
+    The official code stacks the M target blocks mask-major (row m*B + b); this one stacks them image-major
+    (row b*M + m) and returns (B, M, K, D). The rows are the same computations in another order.
+    """
+
+    def __init__(self, num_patches, embed_dim=192, pred_embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0,
+                 qkv_bias=True, drop_path_rate=0.0, norm_eps=1e-6, init_std=0.02):
+        super().__init__()
+        grid = int(round(num_patches ** 0.5))
+        self.predictor_embed = nn.Linear(embed_dim, pred_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, pred_embed_dim))
+        pos = sincos_pos_embed_2d(pred_embed_dim, grid).unsqueeze(0)  # (1, N, Dp)
+        self.predictor_pos_embed = nn.Parameter(pos, requires_grad=False)
+        self.predictor_blocks = _blocks(pred_embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate,
+                                        norm_eps)
+        self.predictor_norm = nn.LayerNorm(pred_embed_dim, eps=norm_eps)
+        self.predictor_proj = nn.Linear(pred_embed_dim, embed_dim)
+        _init_weights(self, init_std)
+        nn.init.trunc_normal_(self.mask_token, std=init_std)
+        _rescale_blocks(self.predictor_blocks)
+
+    def forward(self, z: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
+        """z (B, Nc, D) context features; context_idx (B, Nc); target_idx (B, M, K) -> (B, M, K, D)."""
+        B, M, K = target_idx.shape
+        Nc = z.shape[1]
+        pos = self.predictor_pos_embed[0]  # (N, Dp)
+        x = self.predictor_embed(z) + pos[context_idx]  # (B, Nc, Dp)
+        x = x.repeat_interleave(M, dim=0)  # (B*M, Nc, Dp): one sequence per target block
+        m = self.mask_token + pos[target_idx.reshape(B * M, K)]  # (B*M, K, Dp): mask tokens
+        x = torch.cat([x, m], dim=1)  # (B*M, Nc+K, Dp)
+        for blk in self.predictor_blocks:
+            x = blk(x)
+        x = self.predictor_norm(x)
+        x = self.predictor_proj(x[:, Nc:])  # (B*M, K, D): the mask-token outputs only
+        return x.view(B, M, K, -1)
+
+
+# -- I-JEPA -------------------------------------------------------------------------------------
+
+@dataclass
+class IJEPAOutput:
+    """Everything one forward pass computed, so that notebooks need no hooks.
+
+    loss:    scalar
+    pred:    (B, M, K, D) predicted target features (or (B, M, K, p*p*C) normalised pixels)
+    target:  (B, M, K, D) target features s_y(i), no grad
+    context: (B, Nc, D) context-encoder features s_x
+    masks:   the `Masks` used
+    """
+
+    loss: torch.Tensor
+    pred: torch.Tensor
+    target: torch.Tensor
+    context: torch.Tensor
+    masks: Masks
+
+
+def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C), patches in raster order, pixels (row, col, channel) inside a patch."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // p, p, W // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+class IJEPA(nn.Module):
+    """Context encoder f_theta, target encoder f_theta_bar (EMA copy, no gradients) and predictor g_phi.
+
+    Args:
+        cfg: `ModelConfig`; `cfg.target='pixels'` predicts per-patch normalised pixels (MAE-style) through a
+            linear `pixel_head` instead of target-encoder features (paper Table 7 ablation).
+        ema: keep an EMA target encoder (paper). False: the target is the context encoder under stop-grad.
+    """
+
+    def __init__(self, cfg: ModelConfig, ema: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        enc_kwargs = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                          embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                          mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, drop_path_rate=cfg.drop_path_rate,
+                          norm_eps=cfg.norm_eps, init_std=cfg.init_std)
+        self.encoder = VisionTransformer(**enc_kwargs)
+        self.predictor = Predictor(self.encoder.num_patches, cfg.embed_dim, cfg.pred_embed_dim, cfg.pred_depth,
+                                   cfg.pred_num_heads or cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
+                                   cfg.drop_path_rate, cfg.norm_eps, cfg.init_std)
+        self.target_encoder = None
+        if ema:
+            self.target_encoder = copy.deepcopy(self.encoder)  # starts equal to the context encoder
+            self.target_encoder.requires_grad_(False)
+        self.pixel_head = None
+        if cfg.target == "pixels":
+            self.pixel_head = nn.Linear(cfg.embed_dim, cfg.patch_size ** 2 * cfg.in_chans)
+            _init_weights(self.pixel_head, cfg.init_std)
+
+    @property
+    def target_network(self) -> VisionTransformer:
+        """The network that makes targets and is evaluated: the EMA encoder, or the context encoder."""
+        return self.target_encoder if self.target_encoder is not None else self.encoder
+
+    # -- the stages of the paper ---------------------------------------------------------------
+    @torch.no_grad()
+    def forward_target(self, images: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
+        """s_y(i): encode the FULL image, layer-norm (no affine), then select the targets.
+
+        images (B, C, H, W), target_idx (B, M, K) -> (B, M, K, D). No gradient flows.
+        """
+        if self.cfg.target == "pixels":
+            pix = patchify(images, self.cfg.patch_size)  # (B, N, p*p*C)
+            pix = F.layer_norm(pix.float(), pix.shape[-1:], eps=1e-6)  # per-patch normalised pixels, as MAE
+            return gather_tokens(pix, target_idx)
+        h = self.target_network(images)  # (B, N, D): all patches
+        h = F.layer_norm(h.float(), h.shape[-1:])  # over the features, no learned affine
+        return gather_tokens(h, target_idx)  # masking is applied to the output, not the input
+
+    def forward_context(self, images: torch.Tensor, context_idx: torch.Tensor) -> torch.Tensor:
+        """s_x: the context encoder on the kept patches only. (B, C, H, W), (B, Nc) -> (B, Nc, D)."""
+        return self.encoder(images, keep=context_idx)
+
+    def predict(self, z: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
+        """s_hat_y(i) = g_phi(s_x, mask tokens at B_i): (B, Nc, D) -> (B, M, K, D)."""
+        pred = self.predictor(z, context_idx, target_idx)
+        return self.pixel_head(pred) if self.pixel_head is not None else pred
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean smooth-L1 (official code) or mean squared error (the paper's L2) over all elements."""
+        fn = F.smooth_l1_loss if self.cfg.loss == "smooth_l1" else F.mse_loss
+        return fn(pred.float(), target.float())
+
+    def forward(self, images: torch.Tensor, masks: Masks) -> IJEPAOutput:
+        """One I-JEPA step's forward: targets, context, predictions and loss."""
+        target = self.forward_target(images, masks.targets)  # (B, M, K, D)
+        z = self.forward_context(images, masks.context)  # (B, Nc, D)
+        pred = self.predict(z, masks.context, masks.targets)  # (B, M, K, D)
+        return IJEPAOutput(self.loss(pred, target), pred, target, z, masks)
+
+    # -- EMA ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """theta_bar <- momentum * theta_bar + (1 - momentum) * theta, on every parameter of the encoder.
+
+        Written here rather than with timm's ModelEma because I-JEPA's momentum follows its own per-step
+        schedule and the target must stay a plain module named `target_encoder`, as in the checkpoints.
+        """
+        if self.target_encoder is None:
+            return
+        tgt = [p for p in self.target_encoder.parameters()]
+        src = [p.detach() for p in self.encoder.parameters()]
+        torch._foreach_lerp_(tgt, src, 1.0 - momentum)  # t + (1-m)(s - t) = m t + (1-m) s
+
+
+def build_model(cfg: ModelConfig, ema: bool = True) -> IJEPA:
+    """An `IJEPA` built from a `ModelConfig`."""
+    return IJEPA(cfg, ema=ema)

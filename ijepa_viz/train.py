@@ -1,0 +1,441 @@
+"""The training loop: schedules, autocast, DDP, atomic checkpoints with exact resume, callbacks and metrics.
+
+One step reads like the official `train.py` (facebookresearch/ijepa):
+
+    masks = collator.sample(B, step)                 # multi-block masks, a pure function of (seed, step)
+    h = model.forward_target(images, masks.targets)   # EMA target encoder on the full image, layer-normed
+    z = model.forward_context(images, masks.context)  # context encoder on the kept patches
+    loss = model.loss(model.predict(z, ...), h)
+    loss.backward(); optimizer.step(); model.update_target(momentum)
+
+Use it from Python or a notebook:
+
+    trainer = Trainer(get_preset("cpu-tiny"), callbacks=[MyPlot()])
+    result = trainer.fit()          # trainer.stop() from a callback or a button ends it with a checkpoint
+
+Everything a step draws at random is derived from the seed and the step (masks), or the seed and the epoch (data
+order and augmentation), and the checkpoint holds the RNG state for the rest (stochastic depth), so a resumed run
+reproduces the losses of an uninterrupted one exactly on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ijepa_viz.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_training_checkpoint
+from ijepa_viz.config import Config, save_yaml
+from ijepa_viz.masks import MaskCollator
+from ijepa_viz.model import IJEPA, build_model
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+# -- device, precision, distributed --------------------------------------------------------------
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu. An unavailable explicit device is an error with the fix."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available here; use --set train.device=cpu "
+                           f"(or auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError("train.device='mps' but MPS is not available here; use --set train.device=cpu (or auto)")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU has native bf16 matmuls (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        return bool(torch._C._cpu._is_avx512_bf16_supported() or torch._C._cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. 'auto': bf16 on CUDA, and on CPUs with native bf16 (measured
+    faster there, see the README's benchmark table); fp32 elsewhere."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1). A single process never does: the
+    official code fails there (its issue #43)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local)
+
+
+# -- schedules -----------------------------------------------------------------------------------
+
+def schedule(step: int, total: int, warmup: int, o) -> tuple[float, float, float]:
+    """(lr, weight decay, EMA momentum) at `step` of `total`, as the official per-iteration schedules:
+
+    * lr: linear from start_lr to lr over `warmup` steps, then a cosine from lr down to final_lr;
+    * weight decay: a cosine from weight_decay to final_weight_decay over the whole run;
+    * momentum: linear from ema_start to ema_end over the whole run.
+
+    Pure functions of the step (no scheduler state), which keeps resume exact. timm's CosineLRScheduler covers
+    the lr alone; the weight-decay and momentum schedules have no library equivalent.
+    """
+    if step < warmup:
+        lr = o.start_lr + (o.lr - o.start_lr) * step / max(1, warmup)
+    else:
+        p = (step - warmup) / max(1, total - warmup)
+        lr = max(o.final_lr, o.final_lr + (o.lr - o.final_lr) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+    q = min(step / max(1, total), 1.0)
+    wd = o.final_weight_decay + (o.weight_decay - o.final_weight_decay) * 0.5 * (1 + math.cos(math.pi * q))
+    momentum = o.ema_start + (o.ema_end - o.ema_start) * q
+    return lr, wd, momentum
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """AdamW groups as the official code: no weight decay on biases and other 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+# -- callbacks -------------------------------------------------------------------------------------
+
+class Callback(Protocol):
+    """Any object with some of these methods; each receives the trainer and a metrics dict."""
+
+    def on_step(self, trainer: "Trainer", metrics: dict) -> None: ...
+
+    def on_epoch(self, trainer: "Trainer", metrics: dict) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """What `Trainer.fit` returns."""
+
+    model: IJEPA
+    history: list[dict]  # one dict per logged step (the lines of metrics.jsonl)
+    checkpoint: Optional[Path]  # the last checkpoint written (rank 0), or None
+    step: int  # optimiser steps done in total
+    stopped_early: bool  # stop() or Ctrl-C ended the run before its planned length
+    wall_time: float  # seconds spent in this call
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+
+class Trainer:
+    """Train an `IJEPA` model on `cfg`.
+
+    Args:
+        cfg: a validated `Config`.
+        callbacks: objects with `on_step(trainer, metrics)` / `on_epoch(trainer, metrics)`.
+        resume: True resumes from `<out_dir>/checkpoint.pt` when it exists; a path resumes from that file.
+        progress: show a tqdm progress bar (a widget in notebooks).
+        loader: an iterable of (images, labels) batches to use instead of `cfg.data` (tests, notebooks).
+    """
+
+    CHECKPOINT = "checkpoint.pt"
+
+    def __init__(self, cfg: Config, callbacks: list | tuple = (), resume: bool | str | Path = False,
+                 progress: bool = True, loader=None):
+        self.cfg = cfg.validate()
+        t = cfg.train
+        self.dist = init_distributed(t.device)
+        self.device = resolve_device(t.device)
+        if self.device.type == "cuda" and self.dist.world_size > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.amp_dtype = resolve_precision(t.precision, self.device)
+        self.callbacks = list(callbacks)
+        self.progress = progress and self.dist.is_main
+        self.out_dir = Path(t.out_dir)
+        self.history: list[dict] = []
+        self._stop = False
+
+        if cfg.data.batch_size % self.dist.world_size:
+            raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the "
+                             f"{self.dist.world_size} processes; it is the global batch")
+        self.local_batch = cfg.data.batch_size // self.dist.world_size
+
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg.model, ema=t.ema).to(self.device)
+        self.collator = MaskCollator(cfg.mask, cfg.grid_size, seed=t.seed)
+        if loader is None:
+            from ijepa_viz.data import build_loader
+            loader = build_loader(cfg.data, "train", cfg.model.img_size, train=True, seed=t.seed,
+                                  rank=self.dist.rank, world_size=self.dist.world_size,
+                                  batch_size=self.local_batch)
+        self.loader = loader
+        self.steps_per_epoch = len(loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set has fewer images than one batch ({cfg.data.batch_size}); "
+                             f"lower data.batch_size")
+        self.total_steps = t.steps or t.epochs * self.steps_per_epoch
+        self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+
+        self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=cfg.optim.lr, betas=cfg.optim.betas)
+        self.net = self.model
+        if self.dist.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if t.compile:
+            self.net = torch.compile(self.net)
+        self.step = 0
+        if resume:
+            path = Path(resume) if not isinstance(resume, bool) else self.out_dir / self.CHECKPOINT
+            if isinstance(resume, bool) and not path.exists():
+                pass  # nothing to resume from: start fresh
+            else:
+                self.load_state(path)
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps},
+            "rng": rng,
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state(self, path: Path) -> None:
+        ckpt = load_training_checkpoint(path, map_location=self.device)
+        if ckpt["config"]["model"] != self.cfg.to_dict()["model"]:
+            raise CheckpointError(f"{str(path)!r} was trained with another model configuration; resume with the "
+                                  f"same model.* settings (see config.yaml beside it) or start a new out_dir")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step = int(ckpt["step"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        if self.dist.is_main:
+            self._trim_metrics(self.step)
+
+    def save_checkpoint(self, name: str | None = None) -> Optional[Path]:
+        """Write the full training state atomically (rank 0 only). Returns the path, or None on other ranks."""
+        if not self.dist.is_main:
+            return None
+        path = atomic_save(self.state_dict(), self.out_dir / (name or self.CHECKPOINT))
+        self.last_checkpoint = path
+        return path
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop metrics lines written after the checkpoint we resume from (they will be written again)."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.replace(path)
+        self.history = [json.loads(ln) for ln in keep]
+
+    # -- control -------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the run to end after the current step; it writes a checkpoint and returns."""
+        self._stop = True
+
+    @contextlib.contextmanager
+    def _sigint_stops(self):
+        """The first Ctrl-C stops cleanly at the next step boundary; a second one interrupts at once."""
+        try:
+            previous = signal.getsignal(signal.SIGINT)
+
+            def handler(signum, frame):
+                if self._stop:
+                    raise KeyboardInterrupt
+                self._stop = True
+                if self.dist.is_main:
+                    print("\nStopping after this step and writing a checkpoint (Ctrl-C again to abort)...")
+
+            signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: no signal handling
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    # -- the step ------------------------------------------------------------------------------
+    def _batch_masks(self, batch_len: int):
+        """Masks for this rank's rows of the global batch: the same global masks on every rank, so a DDP run
+        uses exactly the masks (and the truncation) of a single-process run with the same global batch."""
+        W = self.dist.world_size
+        masks = self.collator.sample(batch_len * W, step=self.step)
+        if W > 1:
+            masks = masks.rows(slice(self.dist.rank, None, W))  # the loader shards the batch the same way
+        return masks.to(self.device, non_blocking=True)
+
+    def train_step(self, images: torch.Tensor) -> dict:
+        """One optimiser step on a batch of images (B, C, H, W); returns the step's metrics."""
+        lr, wd, momentum = schedule(self.step, self.total_steps, self.warmup_steps, self.cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if group.get("apply_wd"):
+                group["weight_decay"] = wd
+        images = images.to(self.device, non_blocking=True)
+        masks = self._batch_masks(images.shape[0])
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = self.net(images, masks)
+        loss = out.loss.item()
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"the loss became {loss} at step {self.step}; stopping. The last good checkpoint is kept in "
+                f"{str(self.out_dir)!r}. Lower optim.lr or set optim.clip_grad, then resume or restart")
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        self.optimizer.step()
+        self.model.update_target(momentum)
+        self.step += 1
+        return {"loss": loss, "lr": lr, "wd": wd, "momentum": momentum, "out": out}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Run until `total_steps` (or `stop()` / Ctrl-C). Returns a `TrainResult`."""
+        t, main = self.cfg.train, self.dist.is_main
+        start, self.last_checkpoint = time.perf_counter(), None
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(self.cfg, self.out_dir / "config.yaml")
+        metrics_file = open(self.out_dir / "metrics.jsonl", "a") if main else None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress,
+                   dynamic_ncols=True)
+        self.model.train()
+        stopped = False
+        try:
+            with self._sigint_stops():
+                while self.step < self.total_steps and not self._stop:
+                    epoch = self.step // self.steps_per_epoch
+                    skip = self.step % self.steps_per_epoch  # batches of this epoch already done (resume)
+                    self.loader.set_epoch(epoch)
+                    tick, n_imgs, epoch_losses = time.perf_counter(), 0, []
+                    for i, batch in enumerate(self._iter_epoch(skip)):
+                        images = batch[0]
+                        m = self.train_step(images)
+                        n_imgs += images.shape[0] * self.dist.world_size
+                        epoch_losses.append(m["loss"])
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+                        if self.step % t.log_every == 0 or self.step == self.total_steps:
+                            now = time.perf_counter()
+                            row = self._metrics_row(epoch, m, n_imgs / max(now - tick, 1e-9))
+                            tick, n_imgs = now, 0
+                            self.history.append(row)
+                            if metrics_file:
+                                metrics_file.write(json.dumps(row) + "\n")
+                                metrics_file.flush()
+                            for cb in self.callbacks:
+                                if hasattr(cb, "on_step"):
+                                    cb.on_step(self, row)
+                        if self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
+                            self.save_checkpoint()
+                        if self.step >= self.total_steps or self._stop:
+                            break
+                    if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:
+                        summary = {"epoch": epoch, "step": self.step,
+                                   "loss": sum(epoch_losses) / max(1, len(epoch_losses))}
+                        if t.keep_epoch_checkpoints and self.step % self.steps_per_epoch == 0:
+                            self.save_checkpoint(f"checkpoint_epoch{epoch + 1:03d}.pt")
+                        for cb in self.callbacks:
+                            if hasattr(cb, "on_epoch"):
+                                cb.on_epoch(self, summary)
+            stopped = self.step < self.total_steps
+            self.save_checkpoint()
+        finally:
+            bar.close()
+            if metrics_file:
+                metrics_file.close()
+        return TrainResult(self.model, self.history, self.last_checkpoint, self.step, stopped,
+                           time.perf_counter() - start)
+
+    def _iter_epoch(self, skip: int):
+        """This epoch's batches, without the first `skip` ones (exact mid-epoch resume)."""
+        if skip and hasattr(self.loader, "skip_batches"):
+            self.loader.skip_batches(skip)
+            yield from self.loader
+            return
+        for i, batch in enumerate(self.loader):
+            if i >= skip:
+                yield batch
+
+    def _metrics_row(self, epoch: int, m: dict, imgs_per_s: float) -> dict:
+        out = m["out"]
+        with torch.no_grad():
+            tgt = out.target.float().flatten(0, -2)  # (B*M*K, D)
+            target_std = tgt.std(dim=0).mean().item()  # collapse signal: 0 when all targets are equal
+        return {
+            "step": self.step, "epoch": epoch, "loss": m["loss"], "lr": m["lr"], "wd": m["wd"],
+            "momentum": m["momentum"], "imgs_per_s": imgs_per_s,
+            "context_tokens": int(out.masks.context.shape[1]),
+            "target_tokens": int(out.masks.targets.shape[1] * out.masks.targets.shape[2]),
+            "target_std": target_std,
+        }
+
+
+def train(cfg: Config, callbacks: list | tuple = (), resume: bool | str | Path = False,
+          progress: bool = True) -> TrainResult:
+    """Build a `Trainer` for `cfg` and run it. See `Trainer`."""
+    return Trainer(cfg, callbacks=callbacks, resume=resume, progress=progress).fit()
+
+
+def load_model(path: str | Path, map_location="cpu") -> tuple[IJEPA, Config]:
+    """Rebuild the model saved in a training checkpoint: returns (model in eval mode, its Config)."""
+    ckpt = load_training_checkpoint(path, map_location)
+    cfg = Config.from_dict(ckpt["config"])
+    model = build_model(cfg.model, ema=cfg.train.ema)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg
