@@ -207,7 +207,7 @@ class Trainer:
             from ijepa_viz.data import build_loader
             loader = build_loader(cfg.data, "train", cfg.model.img_size, train=True, seed=t.seed,
                                   rank=self.dist.rank, world_size=self.dist.world_size,
-                                  batch_size=self.local_batch)
+                                  device=self.device if self.device.type == "cuda" else None)
         self.loader = loader
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch == 0:
@@ -361,7 +361,6 @@ class Trainer:
                 while self.step < self.total_steps and not self._stop:
                     epoch = self.step // self.steps_per_epoch
                     skip = self.step % self.steps_per_epoch  # batches of this epoch already done (resume)
-                    self.loader.set_epoch(epoch)
                     tick, n_imgs, epoch_losses = time.perf_counter(), 0, []
                     for i, batch in enumerate(self._iter_epoch(skip)):
                         images = batch[0]
@@ -404,10 +403,14 @@ class Trainer:
 
     def _iter_epoch(self, skip: int):
         """This epoch's batches, without the first `skip` ones (exact mid-epoch resume)."""
-        if skip and hasattr(self.loader, "skip_batches"):
-            self.loader.skip_batches(skip)
-            yield from self.loader
-            return
+        epoch = self.step // self.steps_per_epoch
+        if hasattr(self.loader, "set_epoch"):
+            try:
+                self.loader.set_epoch(epoch, skip_batches=skip)
+                yield from self.loader
+                return
+            except TypeError:  # a loader whose set_epoch takes no skip: skip by hand below
+                self.loader.set_epoch(epoch)
         for i, batch in enumerate(self.loader):
             if i >= skip:
                 yield batch
