@@ -1,0 +1,214 @@
+"""The `ijepa-viz` command: train, eval, bench, convert, presets and demo.
+
+    ijepa-viz train --preset cpu-tiny --data shapes --steps 200 --out runs/try
+    ijepa-viz train --preset cpu-tiny --data imagefolder --data-root ../shared/data/cifar10 --epochs 10
+    ijepa-viz eval --checkpoint runs/try/checkpoint.pt --probe linear,knn
+    ijepa-viz presets
+    ijepa-viz demo
+
+Every configuration field can be changed with `--set section.field=value` (see `ijepa-viz presets --keys`).
+Errors in the input (a bad key, a missing dataset, a broken checkpoint) print one line that names the problem
+and the fix, and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ijepa_viz.config import PRESETS, Config, ConfigError, get_preset, load_yaml, override, valid_keys
+
+
+class UserError(Exception):
+    """A problem with the user's input; printed as one line, exit status 2."""
+
+
+# -- shared option handling --------------------------------------------------------------------------
+
+def _add_config_args(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--preset", default="cpu-tiny", choices=list(PRESETS), help="named configuration to start from")
+    p.add_argument("--config", metavar="YAML", help="start from a YAML config (e.g. a run's config.yaml) instead")
+    if data:
+        p.add_argument("--data", metavar="NAME", help="dataset: shapes, cifar10, cifar100, stl10, fashion_mnist, "
+                                                      "imagefolder (sets data.name)")
+        p.add_argument("--data-root", metavar="PATH", help="dataset folder (sets data.root)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any field, e.g. --set optim.lr=5e-4 (repeatable)")
+
+
+def _config_from_args(args) -> Config:
+    cfg = load_yaml(args.config) if getattr(args, "config", None) else get_preset(args.preset)
+    sets = []
+    if getattr(args, "data", None):
+        sets.append(f"data.name={args.data}")
+    if getattr(args, "data_root", None):
+        sets.append(f"data.root={args.data_root}")
+    if getattr(args, "epochs", None) is not None:
+        sets += [f"train.epochs={args.epochs}", "train.steps=none"]
+    if getattr(args, "steps", None) is not None:
+        sets.append(f"train.steps={args.steps}")
+    if getattr(args, "out", None):
+        sets.append(f"train.out_dir={args.out}")
+    return override(cfg, sets + list(args.overrides))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# -- subcommands -------------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from ijepa_viz.train import Trainer
+
+    cfg = _config_from_args(args)
+    out = Path(cfg.train.out_dir)
+    if (out / "checkpoint.pt").exists() and not args.resume:
+        raise UserError(f"{str(out)!r} already holds a checkpoint; pass --resume to continue it, or choose "
+                        f"another --out")
+    if args.resume and not (out / "checkpoint.pt").exists():
+        print(f"no checkpoint in {str(out)!r} yet: starting a new run")
+    result = Trainer(cfg, resume=args.resume, progress=not args.quiet).fit()
+    if result.checkpoint:
+        last = result.history[-1]["loss"] if result.history else float("nan")
+        state = "stopped early" if result.stopped_early else "done"
+        print(f"{state}: {result.step} steps in {result.wall_time:.0f} s, last loss {last:.4f}; "
+              f"checkpoint {result.checkpoint}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    if args.keys:
+        print("\n".join(valid_keys()))
+        return 0
+    for name, (_, about) in PRESETS.items():
+        print(f"{name:22s} {about}")
+        if args.verbose:
+            import yaml
+            print(yaml.safe_dump(get_preset(name).to_dict(), sort_keys=False))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ijepa_viz.evaluate import evaluate, format_table
+
+    probes = tuple(p.strip() for p in args.probe.split(",") if p.strip())
+    bad = [p for p in probes if p not in ("linear", "knn")]
+    if bad or not probes:
+        raise UserError(f"--probe {args.probe!r}: choose from linear, knn (comma-separated)")
+    from ijepa_viz.train import load_model
+    model, cfg = load_model(args.checkpoint)
+    sets = []
+    if args.data:
+        sets.append(f"data.name={args.data}")
+    if args.data_root:
+        sets.append(f"data.root={args.data_root}")
+    cfg = override(cfg, sets + list(args.overrides))
+    result = evaluate(args.checkpoint, cfg=cfg, model=model, probes=probes, limit_train=args.limit_train,
+                      limit_test=args.limit_test, progress=not args.quiet)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ijepa_viz.demo import run_demo
+
+    report = run_demo(out_dir=args.out, seconds=args.seconds, quick=args.quick)
+    print(f"report: {report}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ijepa-viz", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Run `ijepa-viz COMMAND --help` for the options of a command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train I-JEPA (checkpoints + metrics.jsonl in --out)",
+                       description="Train I-JEPA. Writes config.yaml, metrics.jsonl and checkpoint.pt to --out. "
+                                   "Ctrl-C stops cleanly with a checkpoint; --resume continues exactly.")
+    _add_config_args(p)
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_positive_int, help="passes over the training set")
+    length.add_argument("--steps", type=_positive_int, help="optimiser steps (instead of --epochs)")
+    p.add_argument("--out", metavar="DIR", help="run folder (sets train.out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="linear probe / kNN of a checkpoint against raw-pixel and random baselines",
+                       description="Evaluate the average-pooled target encoder of a checkpoint. The table always "
+                                   "includes two baselines run the same way: raw pixels and a randomly "
+                                   "initialised encoder of the same architecture.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint.pt written by train")
+    p.add_argument("--data", metavar="NAME", help="dataset to evaluate on (default: the checkpoint's)")
+    p.add_argument("--data-root", metavar="PATH", help="dataset folder")
+    p.add_argument("--probe", default="linear,knn", help="comma-separated: linear, knn (default: both)")
+    p.add_argument("--limit-train", type=_positive_int, help="use at most this many training images")
+    p.add_argument("--limit-test", type=_positive_int, help="use at most this many test images")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a data field, e.g. --set data.batch_size=256")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("presets", help="list the named presets",
+                       description="List the presets; --verbose prints each as YAML, --keys lists every "
+                                   "field that --set accepts.")
+    p.add_argument("--verbose", "-v", action="store_true", help="print every preset's full configuration")
+    p.add_argument("--keys", action="store_true", help="list every key that --set accepts")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("demo", help="train cpu-tiny on shapes for ~3 minutes and write an HTML report",
+                       description="Offline demo: trains cpu-tiny on the built-in shapes dataset, evaluates it "
+                                   "against a randomly initialised encoder, and writes report.html with figures.")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="where to write the run and report")
+    p.add_argument("--seconds", type=float, default=180.0, help="training time budget (default 180)")
+    p.add_argument("--quick", action="store_true", help="a tiny model and a few steps (for tests)")
+    p.set_defaults(func=cmd_demo)
+
+    for extra in ("ijepa_viz.bench", "ijepa_viz.checkpoint"):  # subcommands defined next to their code
+        try:
+            module = __import__(extra, fromlist=["add_cli"])
+        except ImportError:
+            continue
+        if hasattr(module, "add_cli"):
+            module.add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from ijepa_viz.checkpoint import CheckpointError
+    from ijepa_viz.data import DataError
+    from ijepa_viz.train import TrainingDiverged
+
+    try:
+        return args.func(args) or 0
+    except (UserError, ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"ijepa-viz {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"ijepa-viz {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
