@@ -97,8 +97,6 @@ def cmd_presets(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ijepa_viz.evaluate import evaluate, format_table
-
     probes = tuple(p.strip() for p in args.probe.split(",") if p.strip())
     bad = [p for p in probes if p not in ("linear", "knn")]
     if bad or not probes:
@@ -111,6 +109,8 @@ def cmd_eval(args) -> int:
     if args.data_root:
         sets.append(f"data.root={args.data_root}")
     cfg = override(cfg, sets + list(args.overrides))
+    from ijepa_viz.evaluate import evaluate, format_table
+
     result = evaluate(args.checkpoint, cfg=cfg, model=model, probes=probes, limit_train=args.limit_train,
                       limit_test=args.limit_test, progress=not args.quiet)
     print(format_table(result))

@@ -1,0 +1,154 @@
+"""Training loop: learning, metrics, checkpoints, exact resume, stop/Ctrl-C, divergence, schedules."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ijepa_viz.checkpoint import load_training_checkpoint
+from ijepa_viz.config import get_preset
+from ijepa_viz.train import (Trainer, TrainingDiverged, load_model, param_groups, resolve_device,
+                             resolve_precision, schedule)
+from tiny import TINY, tiny_config
+
+METRIC_KEYS = {"step", "epoch", "loss", "lr", "wd", "momentum", "imgs_per_s", "context_tokens", "target_tokens",
+               "target_std"}
+
+
+def test_short_run_lowers_loss_and_writes_checkpoint_and_metrics(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "train.steps=24", "optim.lr=2e-3")
+    result = Trainer(cfg, progress=False).fit()
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 24 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    assert result.checkpoint == tmp_path / "run" / "checkpoint.pt" and result.checkpoint.exists()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and METRIC_KEYS <= set(rows[0])
+    assert rows[-1]["step"] == 24 and rows[0]["target_tokens"] > 0 and rows[0]["context_tokens"] > 0
+    assert (tmp_path / "run" / "config.yaml").exists()
+    ckpt = load_training_checkpoint(result.checkpoint)
+    assert ckpt["step"] == 24 and {"model", "optimizer", "rng", "config", "schedule"} <= set(ckpt)
+    model, loaded_cfg = load_model(result.checkpoint)
+    assert loaded_cfg.to_dict() == cfg.to_dict()
+    for a, b in zip(model.parameters(), result.model.parameters()):
+        assert torch.equal(a, b)
+
+
+class StopAt:
+    def __init__(self, step):
+        self.at = step
+
+    def on_step(self, trainer, row):
+        if trainer.step == self.at:
+            trainer.stop()
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])  # at an epoch boundary, and mid-epoch (4 steps an epoch)
+def test_resume_is_exact(tmp_path, stop_at):
+    extra = ["train.steps=10", "model.drop_path_rate=0.1"]  # drop path: the RNG state must be restored too
+    full = Trainer(tiny_config(tmp_path / "full", *extra), progress=False).fit()
+    part = Trainer(tiny_config(tmp_path / "part", *extra), callbacks=[StopAt(stop_at)], progress=False).fit()
+    assert part.stopped_early and part.step == stop_at
+    rest = Trainer(tiny_config(tmp_path / "part", *extra), resume=True, progress=False).fit()
+    assert rest.step == 10
+    want = [h["loss"] for h in full.history]
+    got = [json.loads(line)["loss"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert got == want  # bit-exact on CPU
+    for a, b in zip(full.model.state_dict().values(), rest.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    class Poison:
+        def on_step(self, trainer, row):
+            if trainer.step == 3:
+                with torch.no_grad():
+                    trainer.model.encoder.blocks[0].mlp.fc1.weight.fill_(float("nan"))
+
+    cfg = tiny_config(tmp_path / "run", "train.steps=10", "train.checkpoint_every=2")
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        Trainer(cfg, callbacks=[Poison()], progress=False).fit()
+    ckpt = load_training_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_ctrl_c_leaves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ijepa_viz", "train", "--quiet", "--out", str(out), "--steps", "100000"]
+    for item in TINY:
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        metrics = out / "metrics.jsonl"
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "stopped early" in output
+    ckpt = load_training_checkpoint(out / "checkpoint.pt")
+    assert 3 <= ckpt["step"] < 100000
+
+
+def test_schedules_follow_the_official_shapes():
+    o = get_preset("cpu-tiny").optim
+    total, warm = 1000, 100
+    lr0, wd0, m0 = schedule(0, total, warm, o)
+    assert (lr0, wd0, m0) == pytest.approx((o.start_lr, o.weight_decay, o.ema_start))
+    assert schedule(50, total, warm, o)[0] == pytest.approx((o.start_lr + o.lr) / 2)
+    assert schedule(warm, total, warm, o)[0] == pytest.approx(o.lr)
+    lr_end, wd_end, m_end = schedule(total, total, warm, o)
+    assert (lr_end, wd_end, m_end) == pytest.approx((o.final_lr, o.final_weight_decay, o.ema_end))
+    assert schedule(500, total, warm, o)[2] == pytest.approx((o.ema_start + o.ema_end) / 2)
+    lrs = [schedule(s, total, warm, o)[0] for s in range(warm, total + 1)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # cosine decay is monotone
+
+
+def test_no_weight_decay_on_biases_and_1d_params(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "r", "train.steps=1"), progress=False)
+    decay, no_decay = param_groups(trainer.model)
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert any(names[id(p)].endswith("norm1.weight") for p in no_decay["params"])
+    assert not any("target_encoder" in names[id(p)] for g in (decay, no_decay) for p in g["params"])
+    assert not any("pos_embed" in names[id(p)] for g in (decay, no_decay) for p in g["params"])
+    trainer.fit()
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups][1] == 0.0
+
+
+def test_device_and_precision_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    assert resolve_precision("fp32", torch.device("cpu")) is None
+    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_precision("auto", torch.device("cuda")) == torch.bfloat16
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="train.device=cpu"):
+            resolve_device("cuda")
+
+
+def test_target_encoder_follows_ema_and_no_ema_has_none(tmp_path):
+    t = Trainer(tiny_config(tmp_path / "a", "train.steps=3"), progress=False)
+    before = [p.clone() for p in t.model.target_encoder.parameters()]
+    t.fit()
+    moved = [not torch.equal(a, b) for a, b in zip(before, t.model.target_encoder.parameters())]
+    assert any(moved)
+    t2 = Trainer(tiny_config(tmp_path / "b", "train.steps=2", "train.ema=false"), progress=False)
+    assert t2.model.target_encoder is None
+    assert math.isfinite(t2.fit().history[-1]["loss"])
+
+
+def test_single_process_never_initialises_a_process_group(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    Trainer(tiny_config(tmp_path / "r", "train.steps=1"), progress=False).fit()
+    assert not torch.distributed.is_initialized()
