@@ -1,0 +1,546 @@
+"""ipywidgets apps for the notebooks: the mask explorer and the training dashboard.
+
+The *wire* layer of STYLE.md: these functions only connect controls to the compute and draw functions of
+`ijepa_viz.masks`, `ijepa_viz.train` and `ijepa_viz.viz.plots`, and return an ipywidgets box.
+
+Figures are plain Agg `matplotlib.figure.Figure` objects (no pyplot, no ipympl): each redraw updates the
+existing artists and sends a PNG to an `ipywidgets.Image`, which JupyterLab shows without any extension.
+
+Where the notebooks keep their run: `NOTEBOOK_RUN` (`<runs>/notebook`, checkpoint `NOTEBOOK_CHECKPOINT`), where
+`<runs>` is `$IJEPA_VIZ_RUNS` if set (relative paths count from the repository root) or `<repo>/runs`.
+Notebook 03 writes the checkpoint there and the later notebooks read it.
+"""
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Sequence
+
+import ipywidgets as widgets
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from ijepa_viz.config import Config, ConfigError, MaskConfig, override
+from ijepa_viz.masks import STRATEGIES, MaskCollator
+from ijepa_viz.viz import plots
+
+__all__ = [
+    "REPO_ROOT", "RUNS_DIR", "NOTEBOOK_RUN", "NOTEBOOK_CHECKPOINT", "sample_image", "image_from_bytes",
+    "figure_png", "MaskExplorer", "mask_explorer", "TrainingDashboard", "training_dashboard", "run_training",
+    "notebook_config", "local_cifar10",
+]
+
+
+# -- where things live ----------------------------------------------------------------------------
+
+def _repo_root() -> Path:
+    """The checkout that holds this package (a folder with ijepa_viz/ and pyproject.toml), else the cwd."""
+    here = Path(__file__).resolve().parent.parent.parent
+    return here if (here / "pyproject.toml").is_file() and (here / "ijepa_viz").is_dir() else Path.cwd()
+
+
+REPO_ROOT = _repo_root()
+RUNS_DIR = REPO_ROOT / os.environ.get("IJEPA_VIZ_RUNS", "runs")  # an absolute $IJEPA_VIZ_RUNS replaces the root
+NOTEBOOK_RUN = RUNS_DIR / "notebook"  # notebook 03 trains here; notebooks 04-07 load its checkpoint
+NOTEBOOK_CHECKPOINT = NOTEBOOK_RUN / "checkpoint.pt"
+
+
+def sample_image() -> torch.Tensor:
+    """The bundled sample image (a 'shapes' star, 112 px): uint8 (3, 112, 112). At patch 8 its grid is
+    14 x 14, the grid of the paper's ViT/16 at 224 px."""
+    data = resources.files("ijepa_viz").joinpath("assets/sample_shapes_112.png").read_bytes()
+    return image_from_bytes(data, size=None)
+
+
+def image_from_bytes(data: bytes, size: Optional[int] = 224) -> torch.Tensor:
+    """Decode an image file (PNG, JPEG, ...) -> uint8 (3, S, S): the centred square crop, resized to `size`
+    (None keeps the crop's own side)."""
+    img = Image.open(io.BytesIO(bytes(data))).convert("RGB")
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if size is not None and side != size:
+        img = img.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
+def figure_png(fig: Figure) -> bytes:
+    """Render an Agg figure to PNG bytes (draw, then a fast zlib level-1 encode with Pillow)."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3]).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _new_figure(figsize, dpi) -> Figure:
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+# -- the mask explorer ----------------------------------------------------------------------------
+
+def _patch_sizes(side: int, max_grid: int = 64) -> list[int]:
+    """Patch sizes that divide the image side and give a grid of 2 to max_grid patches per side."""
+    return [p for p in range(1, side + 1) if side % p == 0 and 2 <= side // p <= max_grid]
+
+
+def _swatch(colour: str, text: str) -> str:
+    return (f'<span style="display:inline-block;width:0.9em;height:0.9em;background:{colour};'
+            f'border:1px solid #888;vertical-align:middle;margin:0 0.25em 0 0.6em"></span>{text}')
+
+
+class MaskExplorer(widgets.VBox):
+    """The mask explorer: an image with I-JEPA's context and target blocks drawn over it, and a control for
+    every setting of `MaskConfig` that shapes them. See `mask_explorer`.
+
+    Attributes: `controls` (name -> widget), `image_widget` (ipywidgets.Image with the PNG), `fractions`
+    (HTML with the live context / target fractions), `error` (HTML, the `MaskConfigError` of an impossible
+    setting, else empty), `masks` (the last `Masks`), `figure` / `ax`, `redraw_times` (seconds per redraw).
+    """
+
+    def __init__(self, image=None, mask_cfg: Optional[MaskConfig] = None, patch_size: int = 8,
+                 dataset: str = "shapes", seed: int = 0, size_px: int = 360):
+        cfg = mask_cfg or MaskConfig()
+        self._images = {"bundled sample": sample_image()}
+        if image is not None:
+            self._images = {"your image": plots_image_uint8(image), **self._images}
+        self._dataset = dataset
+        self.masks = None
+        self.redraw_times: list[float] = []
+        first = next(iter(self._images.values()))
+        sizes = _patch_sizes(first.shape[-1])
+        c = self.controls = {
+            "source": widgets.Dropdown(options=[*self._images, f"{dataset} dataset"], description="image"),
+            "index": widgets.BoundedIntText(value=0, min=0, max=9999, description="index",
+                                            layout=widgets.Layout(width="160px")),
+            "upload": widgets.FileUpload(accept="image/*", multiple=False, description="upload"),
+            "strategy": widgets.Dropdown(options=list(STRATEGIES), value=cfg.strategy, description="strategy"),
+            "num_targets": widgets.IntSlider(value=cfg.num_targets, min=1, max=8, description="targets M"),
+            "target_scale": widgets.FloatRangeSlider(value=cfg.target_scale, min=0.01, max=1.0, step=0.01,
+                                                     description="target scale"),
+            "target_aspect": widgets.FloatRangeSlider(value=cfg.target_aspect, min=0.2, max=4.0, step=0.05,
+                                                      description="target aspect"),
+            "context_scale": widgets.FloatRangeSlider(value=cfg.context_scale, min=0.05, max=1.0, step=0.01,
+                                                      description="context scale"),
+            "patch_size": widgets.SelectionSlider(options=sizes, value=_closest(sizes, patch_size),
+                                                  description="patch size"),
+            "min_keep": widgets.IntSlider(value=cfg.min_keep, min=0, max=40, description="min_keep"),
+            "seed": widgets.IntSlider(value=seed, min=0, max=999, description="seed"),
+            "resample": widgets.Button(description="new masks", icon="refresh", tooltip="seed + 1"),
+        }
+        for w in c.values():
+            if hasattr(w, "style") and isinstance(w, (widgets.IntSlider, widgets.FloatRangeSlider,
+                                                      widgets.SelectionSlider, widgets.Dropdown,
+                                                      widgets.BoundedIntText)):
+                w.style.description_width = "90px"
+        self._base_cfg = cfg
+        self.figure = _new_figure((size_px / 100, size_px / 100), 100)
+        self.ax = self.figure.add_axes((0, 0, 1, 1))
+        self.image_widget = widgets.Image(format="png", width=size_px, height=size_px)
+        self.fractions = widgets.HTML()
+        self.error = widgets.HTML(layout=widgets.Layout(display="none"))
+        legend = widgets.HTML(_swatch(plots.CONTEXT_COLOUR, "context (the encoder sees it)")
+                              + "".join(_swatch(col, f"target {m + 1}")
+                                        for m, col in enumerate(plots.TARGET_COLOURS[:4]))
+                              + _swatch(plots.HIDDEN_COLOUR, "seen by neither"))
+        panel = widgets.VBox([
+            widgets.HBox([c["source"], c["index"]]), c["upload"], c["strategy"], c["num_targets"],
+            c["target_scale"], c["target_aspect"], c["context_scale"], c["patch_size"], c["min_keep"],
+            widgets.HBox([c["seed"], c["resample"]]),
+        ])
+        super().__init__([widgets.HBox([self.image_widget, panel]), legend, self.fractions, self.error])
+        self.add_class("ijepa-mask-explorer")
+        for name, w in c.items():
+            if name == "resample":
+                w.on_click(lambda _: setattr(c["seed"], "value", (c["seed"].value + 1) % (c["seed"].max + 1)))
+            elif name == "upload":
+                w.observe(self._on_upload, names="value")
+            elif name == "source":
+                w.observe(self._on_source, names="value")
+            else:
+                w.observe(lambda change: None if self._muted else self.redraw(), names="value")
+        self.redraw()
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def image(self) -> torch.Tensor:
+        """The image being masked: uint8 (3, S, S)."""
+        src = self.controls["source"].value
+        if src in self._images:
+            return self._images[src]
+        return _dataset_image(self._dataset, self.controls["index"].value)
+
+    def mask_config(self) -> MaskConfig:
+        """The `MaskConfig` that the controls describe."""
+        c, base = self.controls, self._base_cfg
+        return MaskConfig(strategy=c["strategy"].value, num_targets=c["num_targets"].value,
+                          target_scale=tuple(c["target_scale"].value), target_aspect=tuple(c["target_aspect"].value),
+                          context_scale=tuple(c["context_scale"].value), context_aspect=base.context_aspect,
+                          min_keep=c["min_keep"].value, allow_overlap=base.allow_overlap,
+                          block_scale=base.block_scale, max_tries=base.max_tries)
+
+    def _on_upload(self, change) -> None:
+        files = change["new"]
+        if not files:
+            return
+        try:
+            self._images["uploaded file"] = image_from_bytes(files[0]["content"], size=224)
+        except Exception as e:  # not an image: say so in the box
+            self._show_error(f"could not read {files[0].get('name', 'the upload')!r} as an image: {e}")
+            return
+        src = self.controls["source"]
+        if "uploaded file" not in src.options:
+            src.options = [*src.options, "uploaded file"]
+        if src.value == "uploaded file":
+            self._on_source({"new": "uploaded file"})
+        else:
+            src.value = "uploaded file"  # triggers _on_source
+
+    def _on_source(self, change) -> None:
+        side = self.image.shape[-1]
+        ps = self.controls["patch_size"]
+        sizes = _patch_sizes(side)
+        if list(ps.options) != sizes:
+            want = _closest(sizes, ps.value * side / max(1, self._last_side))
+            self._muted = True  # one redraw below, not one per trait change
+            try:
+                ps.options = sizes
+                ps.value = want
+            finally:
+                self._muted = False
+        self.redraw()
+
+    _last_side = 112
+    _muted = False
+
+    def _show_error(self, msg: str) -> None:
+        self.error.value = (f'<div style="color:#b00020;border:1px solid #b00020;padding:4px 8px;'
+                            f'white-space:pre-wrap"><b>Impossible setting.</b> {_html_escape(msg)}</div>')
+        self.error.layout.display = None
+        self.fractions.value = "<i>no masks for this setting; change a control to continue</i>"
+
+    # -- the redraw ------------------------------------------------------------------------------
+    def redraw(self) -> None:
+        """Sample masks for the current controls and redraw the figure and the fractions (or show the
+        error of an impossible setting). Records its time in `redraw_times`."""
+        t0 = time.perf_counter()
+        img = self.image
+        self._last_side = img.shape[-1]
+        grid = img.shape[-1] // self.controls["patch_size"].value
+        try:
+            collator = MaskCollator(self.mask_config(), grid, seed=self.controls["seed"].value)
+            masks = collator.sample(1, step=0)
+        except (ConfigError, ValueError) as e:
+            self._show_error(str(e))
+            self.redraw_times.append(time.perf_counter() - t0)
+            return
+        self.masks = masks
+        self.error.value = ""
+        self.error.layout.display = "none"
+        plots.plot_masks(self.ax, img, masks)
+        self.image_widget.value = figure_png(self.figure)
+        ctx, tgt = plots.mask_fractions(masks)
+        N = grid * grid
+        neither = 1 - (torch.unique(torch.cat([masks.context[0], masks.targets[0].flatten()])).numel() / N)
+        self.fractions.value = (
+            f'<span class="ijepa-fractions"><b>context</b> {ctx:.1%} of the patches ({round(ctx * N)}/{N}) '
+            f'&nbsp;·&nbsp; <b>targets</b> {tgt:.1%} ({round(tgt * N)}/{N}, {masks.num_targets} blocks of '
+            f'{masks.targets.shape[2]} patches) &nbsp;·&nbsp; seen by neither {neither:.1%} '
+            f'&nbsp;·&nbsp; grid {grid}x{grid}</span>')
+        self.redraw_times.append(time.perf_counter() - t0)
+
+
+def _closest(options: Sequence[int], value: float) -> int:
+    return min(options, key=lambda o: abs(o - value))
+
+
+def _html_escape(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def plots_image_uint8(image) -> torch.Tensor:
+    """Any image `plots.to_display` accepts (or PNG/JPEG bytes) -> uint8 (3, H, W), cropped to a square."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return image_from_bytes(image, size=None)
+    x = torch.from_numpy((plots.to_display(image) * 255 + 0.5).astype(np.uint8)).permute(2, 0, 1)
+    side = min(x.shape[1:])
+    top, left = (x.shape[1] - side) // 2, (x.shape[2] - side) // 2
+    return x[:, top:top + side, left:left + side].contiguous()
+
+
+_DATASET_CACHE: dict = {}
+
+
+def _dataset_image(name: str, index: int, img_size: int = 112) -> torch.Tensor:
+    """Image `index` of a dataset's test split, uint8 (3, S, S): 'shapes' is rendered at `img_size`
+    (no files needed); other datasets load through `ijepa_viz.data.load_uint8` at their own size."""
+    from ijepa_viz import data
+
+    if name == "shapes":
+        return data.render_shapes([index], img_size, seed=0, split="test")[0][0]
+    if name not in _DATASET_CACHE:
+        from ijepa_viz.config import DataConfig
+        size = 32 if name in ("cifar10", "cifar100") else 96
+        _DATASET_CACHE[name] = data.load_uint8(DataConfig(name=name, download=False), "test", size, limit=200)[0]
+    images = _DATASET_CACHE[name]
+    return images[index % len(images)]
+
+
+def mask_explorer(image=None, mask_cfg: Optional[MaskConfig] = None, patch_size: int = 8,
+                  dataset: str = "shapes", seed: int = 0, size_px: int = 360) -> MaskExplorer:
+    """An interactive view of I-JEPA's masks on one image.
+
+    Args:
+        image: an image to start from (tensor/array in any layout, PIL image, or file bytes); None starts
+            from the bundled sample (`sample_image`). The 'image' dropdown also offers image `index` of
+            `dataset`'s test split, and an uploaded file (FileUpload; cropped to a square, 224 px).
+        mask_cfg: the starting `MaskConfig` (default: the paper's multi-block settings).
+        patch_size: the starting patch size in pixels (the closest divisor of the image side).
+        seed: the starting mask seed; "new masks" draws the next one.
+        size_px: side of the figure in pixels.
+
+    Returns a `MaskExplorer` (an ipywidgets VBox). Every control redraws the figure in place and updates the
+    fractions line; an impossible setting (e.g. targets that can never keep more than `min_keep` patches)
+    shows the `MaskConfigError` message in the box instead of raising.
+    """
+    return MaskExplorer(image, mask_cfg, patch_size, dataset, seed, size_px)
+
+
+# -- the training dashboard -------------------------------------------------------------------------
+
+class TrainingDashboard(widgets.VBox):
+    """Live training view: loss, collapse monitors and the lr / weight-decay / EMA-momentum schedules in one
+    figure, a progress bar, a status line, and Start / Stop buttons. See `training_dashboard`.
+
+    It is a `Trainer` callback: `on_step` receives every metrics row. Attributes: `history` (the rows, with
+    'feature_std' and 'rankme' added on monitor steps), `trainer`, `result` (the `TrainResult` once done),
+    `error` (an exception raised by the run, if any).
+    """
+
+    def __init__(self, cfg: Config, monitor_every: Optional[int] = None, eval_images: int = 256,
+                 resume: bool = False, redraw_every_s: float = 0.5, loader=None):
+        self.cfg = cfg.validate()
+        self.monitor_every = monitor_every
+        self.eval_images = eval_images
+        self.resume = resume
+        self.redraw_every_s = redraw_every_s
+        self._loader = loader
+        self.history: list[dict] = []
+        self.trainer = None
+        self.result = None
+        self.error: Optional[BaseException] = None
+        self.thread: Optional[threading.Thread] = None
+        self._stop_requested = False
+        self._last_draw = 0.0
+        self._last_monitor = None
+        self._eval_batch = None
+
+        self.start_button = widgets.Button(description="Start", icon="play", button_style="success")
+        self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="danger", disabled=True,
+                                          tooltip="stop after this step and write a checkpoint")
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="step")
+        self.status = widgets.HTML("ready: press Start")
+        self.start_button.on_click(lambda _: self.start(block=False))
+        self.stop_button.on_click(lambda _: self.stop())
+        self.figure = _new_figure((10.5, 5.6), 80)
+        gs = self.figure.add_gridspec(2, 6, hspace=0.5, wspace=1.0, left=0.07, right=0.94, top=0.93, bottom=0.09)
+        self.axes = {"loss": self.figure.add_subplot(gs[0, :3]), "collapse": self.figure.add_subplot(gs[0, 3:]),
+                     "schedules": [self.figure.add_subplot(gs[1, 2 * i:2 * i + 2]) for i in range(3)]}
+        self.image_widget = widgets.Image(format="png")
+        super().__init__([widgets.HBox([self.start_button, self.stop_button, self.progress]), self.status,
+                          self.image_widget])
+        self.add_class("ijepa-training-dashboard")
+
+    # -- control ---------------------------------------------------------------------------------
+    def start(self, block: bool = False, progress: bool = False):
+        """Build the `Trainer` and run it: in a background thread (block=False, the Start button; the
+        notebook stays responsive and Stop works), or here (block=True; returns the `TrainResult`)."""
+        if self.thread is not None and self.thread.is_alive():
+            return None
+        self.start_button.disabled = True
+        self.stop_button.disabled = False
+        self._stop_requested = False
+        if block:
+            self._run(progress)
+            if self.error is not None:
+                raise self.error
+            return self.result
+        self.thread = threading.Thread(target=self._run, args=(progress,), daemon=True, name="ijepa-train")
+        self.thread.start()
+        return None
+
+    def stop(self) -> None:
+        """Stop after the current step; the Trainer writes `<out_dir>/checkpoint.pt`."""
+        self._stop_requested = True
+        self.status.value = "stopping after this step..."
+        if self.trainer is not None:
+            self.trainer.stop()
+
+    def wait(self, timeout: Optional[float] = None):
+        """Wait for a background run to end; returns its `TrainResult` (None if it is still running)."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+        return self.result
+
+    def _run(self, progress: bool) -> None:
+        from ijepa_viz.train import Trainer
+
+        self.error = None
+        try:
+            self.status.value = "building the model and the data..."
+            self.trainer = Trainer(self.cfg, callbacks=[self], resume=self.resume, progress=progress,
+                                   loader=self._loader)
+            if self._stop_requested:
+                self.trainer.stop()
+            self.progress.max = self.trainer.total_steps
+            self.progress.value = self.trainer.step
+            self.status.value = f"training: {self.trainer.total_steps} steps on {self.trainer.device}"
+            self.result = self.trainer.fit()
+            how = "stopped early" if self.result.stopped_early else "done"
+            self.status.value = (f"{how} at step {self.result.step} in {self.result.wall_time:.0f} s; "
+                                 f"checkpoint: <code>{self.result.checkpoint}</code>")
+        except BaseException as e:  # shown in the box; re-raised by start(block=True)
+            self.error = e
+            self.status.value = f'<span style="color:#b00020">error: {_html_escape(f"{type(e).__name__}: {e}")}</span>'
+        finally:
+            self.start_button.disabled = False
+            self.stop_button.disabled = True
+            self.redraw()
+
+    # -- Trainer callbacks ------------------------------------------------------------------------
+    def on_step(self, trainer, row: dict) -> None:
+        row = dict(row)
+        if self._stop_requested:
+            trainer.stop()
+        if self.monitor_every and (self._last_monitor is None or row["step"] - self._last_monitor >= self.monitor_every):
+            row.update(self.monitor(trainer))
+            self._last_monitor = row["step"]
+        self.history.append(row)
+        self.progress.value = row["step"]
+        if time.perf_counter() - self._last_draw >= self.redraw_every_s:
+            self.redraw()
+
+    def on_epoch(self, trainer, summary: dict) -> None:
+        self.status.value = f"epoch {summary['epoch'] + 1} done: mean loss {summary['loss']:.4f}"
+
+    def monitor(self, trainer) -> dict:
+        """Collapse metrics of the target encoder on a fixed batch of test images: the std of the average-
+        pooled features (`evaluate.feature_std`) and their effective rank (`evaluate.rankme`)."""
+        from ijepa_viz import evaluate
+
+        x = self._eval_images(trainer.device)
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            feats = model.target_network(x).mean(dim=1).float().cpu()  # (n, D): average-pooled, as the paper
+        model.train(was_training)
+        return {"feature_std": float(evaluate.feature_std(feats)), "rankme": float(evaluate.rankme(feats))}
+
+    def _eval_images(self, device) -> torch.Tensor:
+        if self._eval_batch is None:
+            from ijepa_viz.data import dataset_stats, load_uint8
+
+            imgs, _ = load_uint8(self.cfg.data, "test", self.cfg.model.img_size, limit=self.eval_images)
+            mean, std = dataset_stats(self.cfg.data.name)
+            x = imgs.float() / 255
+            m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+            self._eval_batch = (x - m) / s
+        return self._eval_batch.to(device)
+
+    # -- drawing ---------------------------------------------------------------------------------
+    def redraw(self) -> None:
+        """Redraw the figure from `history` (throttled to `redraw_every_s` during a run)."""
+        self._last_draw = time.perf_counter()
+        a = self.axes
+        plots.plot_loss(a["loss"], self.history)
+        plots.plot_collapse(a["collapse"], self.history)
+        t = self.trainer
+        if t is not None:
+            step = self.history[-1]["step"] if self.history else 0
+            plots.plot_schedules(a["schedules"], self.cfg, t.total_steps, t.steps_per_epoch, step=step)
+        self.image_widget.value = figure_png(self.figure)
+
+
+def training_dashboard(cfg: Config, monitor_every: Optional[int] = None, eval_images: int = 256,
+                       resume: bool = False, loader=None) -> TrainingDashboard:
+    """A training dashboard for `cfg`: press Start to train in the background, Stop to end the run after the
+    current step with a checkpoint in `cfg.train.out_dir`.
+
+    Args:
+        monitor_every: every this many steps, also compute the feature std and RankMe of the target encoder
+            on `eval_images` test images (None: only the per-step 'target_std').
+        resume: continue from `<out_dir>/checkpoint.pt` when it exists.
+        loader: batches to train on instead of `cfg.data` (as `Trainer`).
+    """
+    return TrainingDashboard(cfg, monitor_every, eval_images, resume, loader=loader)
+
+
+def run_training(cfg: Config, live: bool = True, monitor_every: Optional[int] = None, eval_images: int = 256,
+                 resume: bool = False, progress: bool = True):
+    """Train `cfg` here and now (blocking) and return the `TrainResult`; what notebooks call.
+
+    live=True shows a `TrainingDashboard` that updates while the cell runs (interrupt the kernel to stop early:
+    the Trainer ends the step and writes its checkpoint); live=False draws nothing. `progress` shows the
+    Trainer's tqdm bar. A fresh run (resume=False) replaces the metrics.jsonl of an earlier run in the same
+    out_dir, so the plots show this run only.
+    """
+    if not resume:
+        metrics = Path(cfg.train.out_dir) / "metrics.jsonl"
+        if metrics.exists():
+            metrics.unlink()
+    dash = TrainingDashboard(cfg, monitor_every, eval_images, resume, redraw_every_s=1.0)
+    if live:
+        from IPython.display import display
+
+        dash.start_button.layout.display = "none"
+        display(dash)
+    return dash.start(block=True, progress=progress)
+
+
+# -- the notebooks' training configuration ----------------------------------------------------------
+
+def local_cifar10() -> Optional[Path]:
+    """A CIFAR-10 found on this machine, or None: `../shared/data/cifar10` (an ImageFolder tree beside the
+    checkout) or `data/cifar-10-batches-py` (torchvision's download) under the repository root."""
+    shared = REPO_ROOT.parent / "shared" / "data" / "cifar10"
+    if (shared / "train").is_dir():
+        return shared
+    if (REPO_ROOT / "data" / "cifar-10-batches-py").is_dir():
+        return REPO_ROOT / "data"
+    return None
+
+
+QUICK_OVERRIDES = [  # a 2-block, 64-wide ViT on 256 shapes: a handful of steps in a few seconds
+    "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.pred_embed_dim=32", "model.pred_depth=1",
+    "data.name=shapes", "data.batch_size=32", "data.shapes_train_size=256", "data.shapes_test_size=128",
+    "train.steps=6", "train.log_every=1", "optim.warmup_epochs=1",
+]
+NORMAL_OVERRIDES = [  # cpu-tiny, 300 steps of 128 images: a few minutes on a laptop CPU
+    "train.steps=300", "train.log_every=5", "train.checkpoint_every=100", "optim.warmup_epochs=1",
+]
+
+
+def notebook_config(quick: bool, out_dir: Path | str = NOTEBOOK_RUN, extra: Sequence[str] = ()) -> Config:
+    """The training run of notebook 03: cpu-tiny (ViT-Tiny/4 at 32 px, masks with min_keep=4 so the 8x8 grid
+    works) on 'shapes', or on a local CIFAR-10 (`local_cifar10`) in normal mode; `quick` shrinks it to a few
+    seconds and always uses 'shapes'."""
+    from ijepa_viz.config import get_preset
+
+    sets = ["mask.min_keep=4", f"train.out_dir={out_dir}"]
+    sets += QUICK_OVERRIDES if quick else NORMAL_OVERRIDES
+    cifar = None if quick else local_cifar10()
+    if cifar is not None and (cifar / "train").is_dir():
+        sets += ["data.name=imagefolder", f"data.root={cifar}"]
+    elif cifar is not None:
+        sets += ["data.name=cifar10", f"data.root={cifar}", "data.download=false"]
+    return override(get_preset("cpu-tiny"), [*sets, *extra])
