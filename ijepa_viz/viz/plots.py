@@ -341,7 +341,8 @@ def plot_collapse(ax: Axes, history: Sequence[Mapping]) -> Axes:
     from every metrics row) and, when present, 'feature_std' (std of pooled target-encoder features) on the
     left axis, and 'rankme' (effective rank of those features) on a right axis. A collapsed encoder maps every
     image to the same vector: the stds drop to 0 and the rank to 1."""
-    ax.axhline(0.0, color="grey", linewidth=0.8, gid="zero")
+    if not any(line.get_gid() == "zero" for line in ax.get_lines()):
+        ax.axhline(0.0, color="grey", linewidth=0.8, gid="zero")
     for key, colour in (("target_std", "tab:red"), ("feature_std", "tab:orange")):
         x, y = _column(history, key)
         if len(x):
@@ -357,8 +358,8 @@ def plot_collapse(ax: Axes, history: Sequence[Mapping]) -> Axes:
     ax.set_xlabel("step")
     ax.set_ylabel("std")
     ax.set_title("collapse monitors")
-    if ax.get_legend() is None and any(line.get_label()[:1] != "_" for line in ax.get_lines()):
-        ax.legend(loc="lower left", fontsize="small")
+    if any(line.get_label()[:1] != "_" for line in ax.get_lines()):
+        ax.legend(loc="lower left", fontsize="small")  # again: a monitor may have appeared since last time
     _rescale(ax)
     return ax
 
