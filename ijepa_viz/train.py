@@ -64,10 +64,9 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU has native bf16 matmuls (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        return bool(torch._C._cpu._is_avx512_bf16_supported() or torch._C._cpu._is_amx_tile_supported())
-    except AttributeError:  # older torch
-        return False
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # torch >= 2.3
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((check and check()) or (amx and amx()))
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
