@@ -49,7 +49,7 @@ class MaskConfig:
     target_aspect: Tuple[float, float] = (0.75, 1.5)  # target block aspect ratio (height / width)
     context_scale: Tuple[float, float] = (0.85, 1.0)  # context block area as a fraction of the grid
     context_aspect: Tuple[float, float] = (1.0, 1.0)  # context block aspect ratio (paper: square)
-    min_keep: int = 10  # a block must keep MORE than this many patches (official: 10)
+    min_keep: int = 4  # a block must keep MORE than this many patches (official: 10, impossible on 8x8 grids)
     allow_overlap: bool = False  # let the context overlap the targets (official option, off in the paper)
     block_scale: float = 0.6  # 'block' strategy: area of its single target block (paper Table 6: 0.6)
     max_tries: int = 50  # bound on the retries when a context keeps too few patches; then an error
@@ -356,6 +356,7 @@ def _cifar_gpu() -> Config:
 
 def _imagenet_subset_gpu() -> Config:
     return _preset(
+        mask=dict(min_keep=10),
         model=dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, pred_embed_dim=192,
                    pred_depth=6),
         data=dict(name="imagefolder", root="data/imagenette2", batch_size=256, num_workers=8, in_memory=False),
@@ -367,6 +368,7 @@ def _imagenet_subset_gpu() -> Config:
 def _vit_h14_paper() -> Config:
     # src/configs/in1k_vith14_ep300.yaml of facebookresearch/ijepa.
     return _preset(
+        mask=dict(min_keep=10),
         model=dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16, pred_embed_dim=384,
                    pred_depth=12),
         data=dict(name="imagefolder", root="data/imagenet", batch_size=2048, num_workers=10, in_memory=False),
