@@ -103,7 +103,7 @@ class MaskExplorer(widgets.VBox):
     every setting of `MaskConfig` that shapes them. See `mask_explorer`.
 
     Attributes: `controls` (name -> widget), `image_widget` (ipywidgets.Image with the PNG), `fractions`
-    (HTML with the live context / target fractions), `error` (HTML, the `MaskConfigError` of an impossible
+    (HTML with the live context / target fractions; their values in `fraction_values`), `error` (HTML, the `MaskConfigError` of an impossible
     setting, else empty), `masks` (the last `Masks`), `figure` / `ax`, `redraw_times` (seconds per redraw).
     """
 
@@ -115,6 +115,7 @@ class MaskExplorer(widgets.VBox):
             self._images = {"your image": plots_image_uint8(image), **self._images}
         self._dataset = dataset
         self.masks = None
+        self.fraction_values: Optional[tuple[float, float]] = None  # (context, target) of the last masks
         self.redraw_times: list[float] = []
         first = next(iter(self._images.values()))
         sizes = _patch_sizes(first.shape[-1])
@@ -248,7 +249,7 @@ class MaskExplorer(widgets.VBox):
         self.error.layout.display = "none"
         plots.plot_masks(self.ax, img, masks)
         self.image_widget.value = figure_png(self.figure)
-        ctx, tgt = plots.mask_fractions(masks)
+        ctx, tgt = self.fraction_values = plots.mask_fractions(masks)
         N = grid * grid
         neither = 1 - (torch.unique(torch.cat([masks.context[0], masks.targets[0].flatten()])).numel() / N)
         self.fractions.value = (
