@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ijepa_viz.config import MaskConfig
 from ijepa_viz.viz import widgets
 from ijepa_viz.viz.plots import mask_fractions
 from tiny import tiny_config
@@ -92,8 +93,10 @@ def test_impossible_setting_shows_the_error_instead_of_raising(explorer):
 
 def test_small_grid_min_keep_trap_is_reported():
     # CIFAR-like: 32 px at patch 4 is an 8x8 grid where target blocks have 9 patches, not more than 10
-    ex = widgets.mask_explorer(image=torch.zeros(3, 32, 32, dtype=torch.uint8), patch_size=4)
+    ex = widgets.mask_explorer(image=torch.zeros(3, 32, 32, dtype=torch.uint8), patch_size=4,
+                               mask_cfg=MaskConfig(min_keep=10))  # the official min_keep
     assert ex.masks is None and "min_keep=10" in ex.error.value
+    assert ex.image_widget.value[:4] == b"\x89PNG"  # the bare image, without masks
     ex.controls["min_keep"].value = 4
     assert ex.masks is not None and ex.masks.grid == (8, 8)
 

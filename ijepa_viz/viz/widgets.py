@@ -242,6 +242,8 @@ class MaskExplorer(widgets.VBox):
             masks = collator.sample(1, step=0)
         except (ConfigError, ValueError) as e:
             self._show_error(str(e))
+            if not self.image_widget.value:  # nothing drawn yet: show the bare image
+                self.image_widget.value = _png_of(img, self.image_widget.width)
             self.redraw_times.append(time.perf_counter() - t0)
             return
         self.masks = masks
@@ -258,6 +260,15 @@ class MaskExplorer(widgets.VBox):
             f'{masks.targets.shape[2]} patches) &nbsp;·&nbsp; seen by neither {neither:.1%} '
             f'&nbsp;·&nbsp; grid {grid}x{grid}</span>')
         self.redraw_times.append(time.perf_counter() - t0)
+
+
+def _png_of(image: torch.Tensor, size_px) -> bytes:
+    """PNG of a uint8 (3, H, W) image scaled (nearest) to size_px."""
+    size = int(size_px)
+    img = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((size, size), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def _closest(options: Sequence[int], value: float) -> int:
@@ -493,7 +504,8 @@ def run_training(cfg: Config, live: bool = True, monitor_every: Optional[int] = 
     live=True shows a `TrainingDashboard` that updates while the cell runs (interrupt the kernel to stop early:
     the Trainer ends the step and writes its checkpoint); live=False draws nothing. `progress` shows the
     Trainer's tqdm bar. A fresh run (resume=False) replaces the metrics.jsonl of an earlier run in the same
-    out_dir, so the plots show this run only.
+    out_dir, so the plots show this run only. The result's `history` is the dashboard's: the metrics rows,
+    with 'feature_std' and 'rankme' added every `monitor_every` steps.
     """
     if not resume:
         metrics = Path(cfg.train.out_dir) / "metrics.jsonl"
@@ -505,7 +517,9 @@ def run_training(cfg: Config, live: bool = True, monitor_every: Optional[int] = 
 
         dash.start_button.layout.display = "none"
         display(dash)
-    return dash.start(block=True, progress=progress)
+    result = dash.start(block=True, progress=progress)
+    result.history = dash.history
+    return result
 
 
 # -- the notebooks' training configuration ----------------------------------------------------------
