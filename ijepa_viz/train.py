@@ -226,7 +226,8 @@ class Trainer:
         if resume:
             path = Path(resume) if not isinstance(resume, bool) else self.out_dir / self.CHECKPOINT
             if isinstance(resume, bool) and not path.exists():
-                pass  # nothing to resume from: start fresh
+                if self.dist.is_main:  # nothing to resume from: start fresh, dropping the metrics of a run
+                    self._trim_metrics(0)  # that was killed before its first checkpoint
             else:
                 self.load_state(path)
 
