@@ -81,7 +81,8 @@ def image_tree(tmp_path: Path) -> Path:
                 _save(root / split / cls / f"{i}.{ext}", Image.fromarray(arr))
     _save(root / "train" / "cat" / "gray.png", Image.fromarray(np.full((16, 16), 77, np.uint8), mode="L"))
     _save(root / "train" / "dog" / "alpha.png", Image.new("RGBA", (16, 16), (10, 20, 30, 0)))
-    _save(root / "train" / "owl" / "palette.png", Image.new("RGB", (16, 16), (200, 10, 10)).convert("P"))
+    palette = Image.new("RGB", (16, 16), (200, 10, 10)).convert("P", palette=Image.Palette.ADAPTIVE)
+    _save(root / "train" / "owl" / "palette.png", palette)
     (root / "train" / "owl" / "notes.txt").write_text("not an image")
     return root
 
@@ -204,6 +205,30 @@ def test_imagefolder_loaders(image_tree):
     assert D.load_uint8(cfg, "train", 16, limit=5)[0].shape == (5, 3, 16, 16)
     streaming = D.build_loader(_folder_cfg(image_tree, batch_size=4, in_memory=False), "train", 16, True, seed=0)
     assert isinstance(streaming, D.StreamingLoader) and [x.shape[0] for x, _ in streaming] == [4, 4, 4]
+
+
+def test_streaming_augmentation_does_not_depend_on_workers(image_tree):
+    runs = []
+    for workers in (0, 2):
+        loader = D.build_loader(_folder_cfg(image_tree, batch_size=4, in_memory=False, num_workers=workers),
+                                "train", 16, train=True, seed=7)
+        loader.set_epoch(2)
+        runs.append(_batches(loader))
+    assert _same(*runs)
+    threaded = D.UInt8Cache.build(_folder_cfg(image_tree, num_workers=2), "train", 16)  # threaded decode
+    assert torch.equal(threaded.images, D.UInt8Cache.build(_folder_cfg(image_tree), "train", 16).images)
+
+
+def test_tiny_imagenet_val_layout(tmp_path):
+    for i, wnid in enumerate(("n01", "n02")):
+        _save(tmp_path / "train" / wnid / "images" / f"{wnid}_0.JPEG", Image.new("RGB", (64, 64), (i * 200, 0, 0)))
+        (tmp_path / "train" / wnid / f"{wnid}_boxes.txt").write_text("ignored")
+        _save(tmp_path / "val" / "images" / f"val_{i}.JPEG", Image.new("RGB", (64, 64), (i * 200, 0, 0)))
+    (tmp_path / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn01\t0\t0\t9\t9\nval_1.JPEG\tn02\t0\t0\t9\t9\n")
+    cfg = _folder_cfg(tmp_path)
+    assert D.class_names(cfg) == ["n01", "n02"]
+    images, labels = D.load_uint8(cfg, "test", 32)
+    assert labels.tolist() == [0, 1] and images.shape == (2, 3, 32, 32) and images[1, 0].float().mean() > 150
 
 
 def test_imagefolder_large_images_stream(tmp_path):
