@@ -35,13 +35,17 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ijepa_viz.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_training_checkpoint
-from ijepa_viz.config import Config, save_yaml
+from ijepa_viz.config import Config, ConfigError, save_yaml
 from ijepa_viz.masks import MaskCollator
 from ijepa_viz.model import IJEPA, build_model
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class DeviceUnavailable(ConfigError, RuntimeError):
+    """train.device names a device this machine lacks. A ConfigError, so the CLI prints it as one line."""
 
 
 # -- device, precision, distributed --------------------------------------------------------------
@@ -55,10 +59,11 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available here; use --set train.device=cpu "
-                           f"(or auto)")
+        raise DeviceUnavailable(f"train.device={name!r} but CUDA is not available here; use --set train.device=cpu "
+                                f"(or auto)")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RuntimeError("train.device='mps' but MPS is not available here; use --set train.device=cpu (or auto)")
+        raise DeviceUnavailable("train.device='mps' but MPS is not available here; use --set train.device=cpu "
+                                "(or auto)")
     return torch.device(name)
 
 
