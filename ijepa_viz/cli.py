@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (UserError, ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"ijepa-viz {args.command}: error: {e}", file=sys.stderr)
+        print(f"ijepa-viz {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     except TrainingDiverged as e:
         print(f"ijepa-viz {args.command}: {e}", file=sys.stderr)
