@@ -236,18 +236,20 @@ def plot_probe_bars(ax: Axes, eval_result, probes: Sequence[str] = ("linear", "k
     x = np.arange(len(probes))
     width = 0.8 / len(rows)
     names = {"linear": "linear probe", "knn": "kNN (k=20)"}
+    handles = []
     for i, r in enumerate(rows):
         vals = [100 * r[p] if r.get(p) is not None else np.nan for p in probes]
         colour = "#1f77b4" if i == 0 else ("#7f7f7f", "#c7c7c7", "#bcbd22", "#17becf")[(i - 1) % 4]
         bars = ax.bar(x + (i - (len(rows) - 1) / 2) * width, vals, width, label=r.get("name", f"row {i}"),
                       color=colour)
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+        handles.append(bars)
     if chance is not None:
-        ax.axhline(100 * chance, color="k", linestyle="--", linewidth=0.8, label="chance")
+        handles.append(ax.axhline(100 * chance, color="k", linestyle="--", linewidth=0.8, label="chance"))
     ax.set_xticks(x, [names.get(p, p) for p in probes])
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(handles=handles, fontsize=8, loc="upper right")
     if title is not None:
         ax.set_title(title)
     return ax

@@ -161,7 +161,7 @@ class EmbeddingExplorer(_App):
         step = max(1, min(50, n // 10))
         c = {
             "model": widgets.Dropdown(options=list(self.models), description="checkpoint"),
-            "points": widgets.IntSlider(min(points, n), min=min(20, n), max=n, step=step, description="points",
+            "points": widgets.IntSlider(min(points, n), min=min(10, n), max=n, step=step, description="points",
                                         continuous_update=False),
             "perplexity": widgets.IntSlider(int(perplexity), min=2, max=100, description="perplexity",
                                             continuous_update=False),

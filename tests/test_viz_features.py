@@ -1,0 +1,327 @@
+"""Feature visualisation: compute (embeddings, projections, prediction maps, retrieval), draw and wire layers."""
+import datetime
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np
+import pytest
+import torch
+from matplotlib.collections import PathCollection
+from matplotlib.container import BarContainer
+from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
+from PIL import Image
+
+from ijepa_viz.data import class_names, load_uint8
+from ijepa_viz.masks import MaskCollator
+from ijepa_viz.viz import feature_plots as fp
+from ijepa_viz.viz import feature_widgets as fw
+from ijepa_viz.viz import features as fx
+from tiny import tiny_config
+
+NOW = datetime.datetime.now(datetime.timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    return tiny_config(tmp_path_factory.mktemp("run"))  # 16 px, patch 2: an 8x8 grid, D=32
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    return fw.untrained_model(cfg, seed=1)
+
+
+@pytest.fixture(scope="module")
+def other(cfg):
+    return fw.untrained_model(cfg, seed=2)
+
+
+@pytest.fixture(scope="module")
+def data(cfg):
+    return load_uint8(cfg.data, "test", cfg.model.img_size, limit=16)
+
+
+def _masks(cfg, seed=0):
+    return MaskCollator(cfg.mask, cfg.grid_size, seed=seed).sample(1, step=0)
+
+
+def _ax():
+    return Figure().add_subplot()
+
+
+# -- compute -------------------------------------------------------------------------------------------
+
+def test_embed_shapes_pools_and_matches_the_target_encoder(model, cfg, data):
+    images, _ = data
+    pooled = fx.embed(model, images, cfg)
+    patches = fx.embed(model, images, cfg, pool="none", batch_size=5)  # batches must not change the result
+    assert pooled.shape == (16, 32) and patches.shape == (16, 64, 32) and pooled.dtype == torch.float32
+    assert torch.allclose(patches.mean(1), pooled, atol=1e-5)
+    with torch.no_grad():
+        direct = model.target_network(fx.as_input(images, cfg))
+    assert torch.allclose(direct, patches, atol=1e-5)
+    normed = fx.embed(model, images, cfg, pool="none", normalize=True)
+    assert torch.allclose(normed.mean(-1), torch.zeros(16, 64), atol=1e-5)
+    # a float image already normalised gives the same features as its uint8 original
+    assert torch.allclose(fx.embed(model, fx.as_input(images, cfg), cfg), pooled, atol=1e-5)
+
+
+def test_embed_cache_hits_for_same_weights_and_misses_after_they_change(cfg, data):
+    images, _ = data
+    m = fw.untrained_model(cfg, seed=3)
+    fx.clear_cache()
+    a = fx.embed(m, images, cfg)
+    b = fx.embed(m, images, cfg)
+    assert b is a and fx._EMBED_CACHE.hits == 1
+    with torch.no_grad():
+        m.target_encoder.norm.bias.add_(0.5)
+    c = fx.embed(m, images, cfg)
+    assert c is not a and not torch.allclose(a, c)
+    assert not torch.allclose(fx.embed(m, images, cfg, which="context"), c)  # another encoder, another key
+
+
+def test_bad_inputs_get_clear_errors(model, cfg, data):
+    images, _ = data
+    with pytest.raises(ValueError, match="pool"):
+        fx.embed(model, images, cfg, pool="cls")
+    with pytest.raises(ValueError, match="which"):
+        fx.embed(model, images, cfg, which="student")
+    with pytest.raises(ValueError, match="cfg"):
+        fx.as_input(images, None)
+    with pytest.raises(ValueError, match="N >= 4"):
+        fx.tsne_2d(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="target block"):
+        fx.prediction_maps(model, images[0], _masks(cfg), index=7, cfg=cfg)
+
+
+def test_pca_rgb_is_in_unit_range_for_both_layouts_and_keeps_nan_rows():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(4, 64, 32)).astype(np.float32)
+    rgb = fx.pca_rgb(feats)
+    assert rgb.shape == (4, 64, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    assert rgb.max() - rgb.min() > 0.9  # the colour range is used
+    one = fx.pca_rgb(torch.from_numpy(feats[0]), fit_on=feats)
+    assert one.shape == (64, 3) and np.isfinite(one).all() and 0 <= one.min() and one.max() <= 1
+    feats[0, :5] = np.nan
+    holes = fx.pca_rgb(feats[0], fit_on=feats[1:])
+    assert np.isnan(holes[:5]).all() and np.isfinite(holes[5:]).all()
+
+
+def test_pca_2d_and_tsne_2d_shapes_and_tsne_cache():
+    rng = np.random.default_rng(0)
+    feats = np.concatenate([rng.normal(0, 1, (30, 40)), rng.normal(6, 1, (30, 40))]).astype(np.float32)
+    assert fx.pca_2d(feats).shape == (60, 2)
+    xy = fx.tsne_2d(feats, perplexity=10, iterations=250, exaggeration_iterations=50)
+    assert xy.shape == (60, 2) and np.isfinite(xy).all()
+    assert fx.tsne_2d(feats, perplexity=10, iterations=250, exaggeration_iterations=50) is xy  # cached
+    # two well separated clusters stay separated
+    a, b = xy[:30].mean(0), xy[30:].mean(0)
+    assert np.linalg.norm(a - b) > 2 * max(xy[:30].std(0).max(), xy[30:].std(0).max())
+    assert fx.tsne_2d(feats[:7], perplexity=30, iterations=250).shape == (7, 2)  # perplexity lowered for small N
+
+
+def test_tsne_schedule_hook_still_exists_in_scikit_learn():
+    # tsne_2d shortens the early-exaggeration phase through this class attribute; notice if it moves.
+    from sklearn.manifold import TSNE
+
+    assert isinstance(getattr(TSNE, "_EXPLORATION_MAX_ITER", None), int)
+
+
+def test_to_grid_scatters_means_and_nans():
+    g = fx.to_grid(np.array([1.0, 3.0, 5.0]), [0, 0, 5], 3)
+    assert g.shape == (3, 3) and g[0, 0] == 2.0 and g[1, 2] == 5.0 and np.isnan(g).sum() == 7
+
+
+def test_prediction_maps_finite_on_targets_nan_elsewhere(model, cfg, data):
+    images, _ = data
+    masks = _masks(cfg)
+    maps = fx.prediction_maps(model, images[0], masks, cfg=cfg)
+    in_target = masks.target_mask()[0].any(0).view(8, 8).numpy()
+    for grid in (maps.cos, maps.err):
+        assert grid.shape == (8, 8)
+        assert np.isfinite(grid[in_target]).all() and np.isnan(grid[~in_target]).all()
+    assert np.nanmin(maps.cos) >= -1 - 1e-5 and np.nanmax(maps.cos) <= 1 + 1e-5 and np.nanmin(maps.err) >= 0
+    M, K = masks.targets.shape[1:]
+    assert maps.pred.shape == maps.target.shape == (M * K, 32) and maps.all_targets.shape == (64, 32)
+    # the targets are the model's own forward_target, and the predictions its predict stage
+    with torch.no_grad():
+        x = fx.as_input(images[:1], cfg)
+        out = model(x, masks)
+    assert torch.allclose(maps.target, out.target[0].reshape(-1, 32), atol=1e-5)
+    assert torch.allclose(maps.pred, out.pred[0].reshape(-1, 32), atol=1e-5)
+    one = fx.prediction_maps(model, images[0], masks, index=1, cfg=cfg)
+    block = masks.target_mask()[0, 1].view(8, 8).numpy()
+    assert np.isfinite(one.cos[block]).all() and np.isnan(one.cos[~block]).all() and (one.block == 1).all()
+
+
+def test_nearest_patches_returns_the_exact_bank_patch_for_a_bank_embedding(model, cfg, data):
+    images, _ = data
+    bank = fx.patch_bank(model, images[:6], cfg)
+    assert len(bank) == 6 * 64 and bank.pixels.shape == (6 * 64, 2, 2, 3) and bank.pixels.dtype == np.uint8
+    # the pixels of row r are patch bank.patch[r] of image bank.image[r]
+    r = 2 * 64 + 9
+    img = images[2].permute(1, 2, 0).numpy()
+    assert np.array_equal(bank.pixels[r], img[2:4, 2:4])
+    rows = [5, 100, r]
+    nb = fx.nearest_patches(bank.feats[rows], bank, k=3)
+    assert nb.index.shape == nb.score.shape == (3, 3) and nb.pixels.shape == (3, 3, 2, 2, 3)
+    assert list(nb.index[:, 0]) == rows and np.allclose(nb.score[:, 0], 1, atol=1e-5)
+    assert np.array_equal(nb.pixels[2, 0], bank.pixels[r])
+    assert (np.diff(nb.score, axis=1) <= 1e-6).all()  # best first
+    other = fx.nearest_patches(bank.feats[[r]], bank, k=3, exclude_image=2)
+    assert (bank.image[other.index] != 2).all()
+
+
+def test_similarity_search_ranks_an_identical_vector_first():
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(50, 16)).astype(np.float32)
+    idx, score = fx.similarity_search(gallery, gallery[17] * 3.0, k=5)  # cosine ignores the scale
+    assert idx.shape == score.shape == (5,) and idx[0] == 17 and score[0] == pytest.approx(1.0, abs=1e-5)
+    assert (np.diff(score) <= 1e-6).all()
+    idx, _ = fx.similarity_search(gallery, gallery[17], k=5, exclude=17)
+    assert 17 not in idx
+    many, _ = fx.similarity_search(torch.from_numpy(gallery), torch.from_numpy(gallery[[3, 4]]), k=2)
+    assert many.shape == (2, 2) and list(many[:, 0]) == [3, 4]
+
+
+# -- draw ----------------------------------------------------------------------------------------------
+
+def test_map_plots_draw_image_and_overlay(model, cfg, data):
+    images, _ = data
+    maps = fx.prediction_maps(model, images[0], _masks(cfg), cfg=cfg)
+    for fn, grid in ((fp.plot_similarity_map, maps.cos), (fp.plot_error_map, maps.err)):
+        ax = _ax()
+        assert fn(ax, images[0], grid) is ax
+        ims = [a for a in ax.get_children() if isinstance(a, AxesImage)]
+        assert len(ims) == 2 and ims[1].get_array().mask.sum() == np.isnan(grid).sum()
+        assert len(ax.figure.axes) == 2  # the colour bar
+        ax = _ax()
+        fn(ax, images[0], grid, colorbar=False)
+        assert len(ax.figure.axes) == 1
+
+
+def test_plot_pca_rgb_accepts_grid_and_flat_layouts():
+    rgb = np.random.default_rng(0).uniform(size=(64, 3)).astype(np.float32)
+    rgb[:4] = np.nan
+    ax = _ax()
+    assert fp.plot_pca_rgb(ax, rgb, title="t") is ax
+    (im,) = ax.images
+    arr = im.get_array()
+    assert arr.shape == (8, 8, 4) and (arr[0, :4, 3] == 0).all() and (arr[1:, :, 3] == 1).all()
+    ax = _ax()
+    fp.plot_pca_rgb(ax, rgb.reshape(8, 8, 3), image=np.zeros((3, 16, 16), np.uint8), alpha=0.5)
+    assert len(ax.images) == 2
+    with pytest.raises(ValueError, match="square"):
+        fp.plot_pca_rgb(_ax(), rgb[:10])
+
+
+def test_plot_embedding_2d_one_scatter_per_class():
+    xy = np.random.default_rng(0).normal(size=(30, 2))
+    labels = np.arange(30) % 3
+    ax = _ax()
+    assert fp.plot_embedding_2d(ax, xy, labels, ["a", "b", "c"]) is ax
+    scatters = [c for c in ax.collections if isinstance(c, PathCollection)]
+    assert len(scatters) == 3 and [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "c"]
+    ax = _ax()
+    fp.plot_embedding_2d(ax, xy)
+    assert len(ax.collections) == 1
+
+
+def test_plot_retrieval_and_neighbours_fill_their_axes(model, cfg, data):
+    images, labels = data
+    axes = fp.plot_retrieval(Figure(), images[0], images, [3, 5, 7], [0.9, 0.8, 0.7], labels=labels,
+                             class_names=class_names(cfg.data), query_label=int(labels[0]))
+    assert axes.shape == (4,) and all(len(a.images) == 1 for a in axes)
+    assert "0.900" in axes[1].get_title() and class_names(cfg.data)[int(labels[3])] in axes[1].get_title()
+    bank = fx.patch_bank(model, images[:4], cfg)
+    nb = fx.nearest_patches(bank.feats[:5], bank, k=3)
+    grid = fp.plot_neighbours(Figure(), nb, true_pixels=bank.pixels[:5], rows=[0, 2])
+    assert grid.shape == (2, 4) and all(len(a.images) == 1 for a in grid.ravel())
+    assert grid[0, 1].get_title() == f"{nb.score[0, 0]:.2f}"
+
+
+def test_plot_probe_bars_one_container_per_encoder():
+    result = {"rows": [{"name": "ijepa (target encoder)", "linear": 0.61, "knn": 0.5},
+                       {"name": "random init", "linear": 0.4, "knn": 0.3},
+                       {"name": "raw pixels", "linear": 0.35, "knn": 0.2}]}
+    ax = _ax()
+    assert fp.plot_probe_bars(ax, result, chance=0.1) is ax
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert len(bars) == 3 and [len(b) for b in bars] == [2, 2, 2]
+    assert bars[0][0].get_height() == pytest.approx(61.0)
+    assert [t.get_text() for t in ax.get_legend().get_texts()][:3] == [r["name"] for r in result["rows"]]
+    ax = _ax()
+    fp.plot_probe_bars(ax, {"rows": [{"name": "x", "linear": 0.5}]})  # a probe that was not run is left out
+    assert len(ax.get_xticklabels()) == 1
+
+
+# -- wire ----------------------------------------------------------------------------------------------
+
+def _all_children(box):
+    out = []
+    for c in getattr(box, "children", ()):
+        out += [c, *_all_children(c)]
+    return out
+
+
+def test_prediction_explorer_controls_and_redraws(model, other, cfg, data):
+    images, _ = data
+    app = fw.prediction_explorer(model, other, images[:4], cfg, size_px=500)
+    assert set(app.controls) == {"index", "seed", "resample", "block", "model"}
+    assert all(w in _all_children(app) for w in app.controls.values())
+    assert app.image_widget.value[:4] == b"\x89PNG" and "untrained" in app.summary.value
+    first, maps = app.image_widget.value, app.maps
+    app.controls["index"].value = 2
+    assert app.image_widget.value != first and app.maps is not maps
+    app.controls["resample"].click()
+    assert app.controls["seed"].value == 1
+    app.controls["block"].value = 0
+    assert (app.maps.block == 0).all()
+    trained_cos = app.maps.cos
+    app.controls["model"].value = "untrained"
+    assert not np.allclose(np.nan_to_num(app.maps.cos), np.nan_to_num(trained_cos))
+    assert len(app.redraw_times) == 5 and app.error.value == ""
+    solo = fw.prediction_explorer(model, None, images[:2], cfg, size_px=400)
+    assert solo.controls["model"].options == ("trained",)
+
+
+def test_embedding_explorer_controls_and_redraws(model, other, cfg, data):
+    images, labels = data
+    app = fw.embedding_explorer({"trained": model, "untrained": other}, images, labels, cfg,
+                                class_names(cfg.data), points=12, perplexity=3)
+    assert set(app.controls) == {"model", "points", "perplexity"}
+    assert app.xy["pca"].shape == app.xy["tsne"].shape == (12, 2)
+    first = app.image_widget.value
+    app.controls["points"].value = 16
+    assert app.xy["tsne"].shape == (16, 2) and app.image_widget.value != first
+    before = app.xy["pca"]
+    app.controls["model"].value = "untrained"
+    assert not np.allclose(app.xy["pca"], before)
+    app.controls["perplexity"].value = 4
+    assert app.error.value == "" and len(app.redraw_times) == 4
+
+
+def test_similarity_search_app_gallery_query_and_upload(model, cfg, data):
+    images, labels = data
+    app = fw.similarity_search_app(model, images, cfg, labels, class_names(cfg.data), k=4)
+    assert set(app.controls) == {"source", "index", "upload", "k"}
+    idx, score = app.result
+    assert len(idx) == 4 and 0 not in idx and (np.diff(score) <= 1e-6).all()  # the query leaves itself out
+    first = app.image_widget.value
+    app.controls["index"].value = 5
+    assert app.image_widget.value != first and 5 not in app.result[0]
+    app.controls["k"].value = 6
+    assert len(app.result[0]) == 6
+    # upload gallery image 9 as a PNG: it is the best match of itself, with cosine ~1
+    buf = io.BytesIO()
+    Image.fromarray(images[9].permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    app.controls["upload"].value = ({"name": "q.png", "type": "image/png", "size": len(buf.getvalue()),
+                                     "content": memoryview(buf.getvalue()), "last_modified": NOW},)
+    assert app.controls["source"].value == "upload" and "your upload" in app.summary.value
+    assert app.result[0][0] == 9 and app.result[1][0] == pytest.approx(1.0, abs=1e-4)
+    app.controls["upload"].value = ({"name": "junk.png", "type": "image/png", "size": 4,
+                                     "content": memoryview(b"junk"), "last_modified": NOW},)
+    assert "could not read 'junk.png'" in app.error.value
