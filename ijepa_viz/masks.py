@@ -123,9 +123,34 @@ def block_size(u: float, scale: Sequence[float], aspect: Sequence[float], grid: 
     return h, w
 
 
-def _size_range(scale, aspect, grid, n: int = 257) -> tuple[int, int]:
-    """Smallest and largest block area over the possible draws of u."""
-    areas = [math.prod(block_size(i / (n - 1) * (1 - 1e-9), scale, aspect, grid)) for i in range(n)]
+def _size_range(scale, aspect, grid) -> tuple[int, int]:
+    """Exact smallest and largest block area over all draws of u in [0, 1).
+
+    `block_size` is piecewise constant in u. It changes only where floor(H*W*s) steps, or where sqrt(area*r)
+    or sqrt(area/r) crosses a half-integer (the rounding of h or w), so evaluating it at every such breakpoint,
+    just beside it, and between consecutive breakpoints sees every size it can return. (A fixed sample of u
+    can miss short pieces, and then a target could keep no more than `min_keep` patches.)
+    """
+    N = grid[0] * grid[1]
+    (s0, s1), (r0, r1) = scale, aspect
+    ds, dr = s1 - s0, r1 - r0
+    us = {0.0}
+    if ds > 0:
+        us.update((j / N - s0) / ds for j in range(int(N * s0) + 1, int(N * s1) + 1))
+    if dr > 0:
+        for a in range(max(int(N * s0), 1), int(N * s1) + 1):
+            lo = 0.0 if ds <= 0 else max(0.0, (a / N - s0) / ds)  # u-interval where the area is a
+            hi = 1.0 if ds <= 0 else min(1.0, ((a + 1) / N - s0) / ds)
+            r_lo, r_hi = r0 + lo * dr, r0 + hi * dr
+            for k in range(max(int(math.sqrt(a * r_lo)) - 1, 0), int(math.sqrt(a * r_hi)) + 2):
+                us.add(((k + 0.5) ** 2 / a - r0) / dr)  # h steps
+            for k in range(max(int(math.sqrt(a / r_hi)) - 1, 0), int(math.sqrt(a / r_lo)) + 2):
+                us.add((a / (k + 0.5) ** 2 - r0) / dr)  # w steps
+    pts = sorted(u for u in us if 0.0 <= u < 1.0)
+    probes = set(pts)
+    probes.update((a + b) / 2 for a, b in zip(pts, pts[1:] + [1.0]))
+    probes.update(u + d for u in pts for d in (-1e-12, 1e-12) if 0.0 <= u + d < 1.0)
+    areas = [math.prod(block_size(u, scale, aspect, grid)) for u in probes]
     return min(areas), max(areas)
 
 
@@ -212,9 +237,8 @@ class MaskCollator:
                     f"{N - c.num_targets * t_max} of {N} patches for the context {where}, not more than "
                     f"mask.min_keep={k}. Lower mask.num_targets or mask.target_scale")
         elif c.strategy == "block":
-            h, w = block_size(0.999, (c.block_scale, c.block_scale), c.target_aspect, self.grid)
-            lo_h, lo_w = block_size(0.0, (c.block_scale, c.block_scale), c.target_aspect, self.grid)
-            if min(h * w, lo_h * lo_w) <= k or N - max(h * w, lo_h * lo_w) <= k:
+            b_min, b_max = _size_range((c.block_scale, c.block_scale), c.target_aspect, self.grid)
+            if b_min <= k or N - b_max <= k:
                 raise MaskConfigError(
                     f"mask.block_scale={c.block_scale} {where} leaves a target or a context of no more than "
                     f"mask.min_keep={k} patches. Lower mask.min_keep or change mask.block_scale")
