@@ -18,7 +18,8 @@ Read top to bottom:
 Every loader yields ``(images float (B, 3, H, W), labels int64 (B,))``, has ``len()`` (batches per epoch),
 ``set_epoch(epoch)`` and ``state_dict()`` / ``load_state_dict()``: the batches of epoch ``e`` - their order
 AND their augmentations - depend only on ``(seed, epoch, rank)``, so a run resumed mid-epoch sees exactly the
-batches the interrupted run would have seen.
+batches the interrupted run would have seen. A rank's batch k is rows rank::world_size of the global batch k,
+augmentation included, so W processes train on exactly the images of one process with the global batch.
 
 Data problems raise ``DataError``; each message names the file or folder and says how to fix it.
 """
@@ -40,7 +41,7 @@ from ijepa_viz.config import DataConfig
 
 __all__ = [
     "DataError", "SHAPES_CLASSES", "ShapesDataset", "render_shapes", "dataset_stats", "build_transform",
-    "ToRGB", "ImageFolderDataset", "UInt8Cache", "augment_batch", "InMemoryLoader", "StreamingLoader",
+    "ToRGB", "ImageFolderDataset", "UInt8Cache", "crop_params", "augment_batch", "InMemoryLoader", "StreamingLoader",
     "build_dataset", "build_loader", "num_classes", "class_names", "load_uint8",
 ]
 
@@ -751,17 +752,50 @@ def _seed_of(*parts: int) -> int:
 _ORDER, _AUGMENT = 1, 2  # purposes mixed into _seed_of
 
 
+def crop_params(n: int, h: int, w: int, crop_scale: Sequence[float] = (0.3, 1.0), hflip: bool = False,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """RandomResizedCrop (+ optional flip) for n samples of h x w images, as affine matrices theta (n, 2, 3).
+
+    Drawn as torchvision draws it, per sample: area fraction uniform in crop_scale, aspect ratio log-uniform in
+    (3/4, 4/3), 10 tries, then the largest centred crop with a ratio in that range. Only (n, h, w) and the
+    generator decide the result, so the crops of a global batch can be drawn once and shared out by rows.
+    """
+    tries = 10
+    area = torch.empty(n, tries).uniform_(float(crop_scale[0]), float(crop_scale[1]), generator=generator)
+    log_ratio = torch.empty(n, tries).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    ratio = torch.exp(log_ratio)
+    cw, ch = torch.sqrt(area * h * w * ratio), torch.sqrt(area * h * w / ratio)
+    fits = (cw <= w) & (ch <= h)
+    first = fits.float().argmax(dim=1, keepdim=True)  # first try that fits
+    any_fit = fits.any(dim=1)
+    in_ratio = w / h  # fallback as torchvision: the largest centred crop with a ratio inside the range
+    fw = float(w) if 3 / 4 <= in_ratio <= 4 / 3 else (h * 4 / 3 if in_ratio > 4 / 3 else float(w))
+    fh = float(h) if 3 / 4 <= in_ratio <= 4 / 3 else (float(h) if in_ratio > 4 / 3 else w / (3 / 4))
+    cw = torch.where(any_fit, cw.gather(1, first).squeeze(1), torch.tensor(fw))
+    ch = torch.where(any_fit, ch.gather(1, first).squeeze(1), torch.tensor(fh))
+    pos = torch.rand(n, 2, generator=generator)
+    top = torch.where(any_fit, pos[:, 0] * (h - ch), (h - ch) / 2)
+    left = torch.where(any_fit, pos[:, 1] * (w - cw), (w - cw) / 2)
+    flip = (torch.rand(n, generator=generator) < 0.5) if hflip else torch.zeros(n, dtype=torch.bool)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = cw / w * torch.where(flip, -1.0, 1.0)
+    theta[:, 0, 2] = (2 * left + cw) / w - 1
+    theta[:, 1, 1] = ch / h
+    theta[:, 1, 2] = (2 * top + ch) / h - 1
+    return theta
+
+
 def augment_batch(images: torch.Tensor, out_size: int, mean: Sequence[float], std: Sequence[float], *,
                   train: bool = True, crop_scale: Sequence[float] = (0.3, 1.0), hflip: bool = False,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  generator: Optional[torch.Generator] = None, theta: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Augment a whole batch at once: uint8 (B, 3, S, S) -> normalised float (B, 3, out_size, out_size).
 
-    train=True: RandomResizedCrop as torchvision draws it, per sample (area fraction uniform in crop_scale,
-    aspect ratio log-uniform in (3/4, 4/3), 10 tries then the whole image), then an optional horizontal flip;
-    each crop is resampled bilinearly through one affine grid (F.affine_grid + F.grid_sample) on the
-    images' device. Crops are continuous (sub-pixel), not rounded to whole pixels as torchvision does.
+    train=True: RandomResizedCrop as torchvision draws it, per sample (`crop_params`), then an optional
+    horizontal flip; each crop is resampled bilinearly through one affine grid (F.affine_grid + F.grid_sample)
+    on the images' device. Crops are continuous (sub-pixel), not rounded to whole pixels as torchvision does.
     train=False: a bilinear, antialiased resize to out_size. Both end with (x / 255 - mean) / std.
-    Random numbers come from `generator` (a CPU torch.Generator), so a seeded generator repeats a batch exactly.
+    Random numbers come from `generator` (a CPU torch.Generator), so a seeded generator repeats a batch exactly;
+    `theta` (B, 2, 3) passes crops drawn beforehand by `crop_params` instead.
     """
     b, _, h, w = images.shape
     x = images.float()
@@ -769,28 +803,8 @@ def augment_batch(images: torch.Tensor, out_size: int, mean: Sequence[float], st
         if (h, w) != (out_size, out_size):
             x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
     else:
-        tries = 10
-        area = torch.empty(b, tries).uniform_(float(crop_scale[0]), float(crop_scale[1]), generator=generator)
-        log_ratio = torch.empty(b, tries).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
-        ratio = torch.exp(log_ratio)
-        cw, ch = torch.sqrt(area * h * w * ratio), torch.sqrt(area * h * w / ratio)
-        fits = (cw <= w) & (ch <= h)
-        first = fits.float().argmax(dim=1, keepdim=True)  # first try that fits
-        any_fit = fits.any(dim=1)
-        in_ratio = w / h  # fallback as torchvision: the largest centred crop with a ratio inside the range
-        fw = float(w) if 3 / 4 <= in_ratio <= 4 / 3 else (h * 4 / 3 if in_ratio > 4 / 3 else float(w))
-        fh = float(h) if 3 / 4 <= in_ratio <= 4 / 3 else (float(h) if in_ratio > 4 / 3 else w / (3 / 4))
-        cw = torch.where(any_fit, cw.gather(1, first).squeeze(1), torch.tensor(fw))
-        ch = torch.where(any_fit, ch.gather(1, first).squeeze(1), torch.tensor(fh))
-        pos = torch.rand(b, 2, generator=generator)
-        top = torch.where(any_fit, pos[:, 0] * (h - ch), (h - ch) / 2)
-        left = torch.where(any_fit, pos[:, 1] * (w - cw), (w - cw) / 2)
-        flip = (torch.rand(b, generator=generator) < 0.5) if hflip else torch.zeros(b, dtype=torch.bool)
-        theta = torch.zeros(b, 2, 3)
-        theta[:, 0, 0] = cw / w * torch.where(flip, -1.0, 1.0)
-        theta[:, 0, 2] = (2 * left + cw) / w - 1
-        theta[:, 1, 1] = ch / h
-        theta[:, 1, 2] = (2 * top + ch) / h - 1
+        if theta is None:
+            theta = crop_params(b, h, w, crop_scale, hflip, generator)
         grid = F.affine_grid(theta.to(x.device), [b, 3, out_size, out_size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     scale = torch.tensor([1 / (255 * s) for s in std], device=x.device).view(1, 3, 1, 1)
@@ -849,10 +863,12 @@ class InMemoryLoader(_Resumable):
     int64 (B,)).
 
     Epoch e's order is a permutation seeded by (seed, e) (shuffle=True) and batch k's augmentation is seeded
-    by (seed, e, rank, k), so both depend only on (seed, epoch, rank) and a run resumed mid-epoch
-    (`load_state_dict`, or `set_epoch(e, skip_batches=k)`) continues with exactly the batches it would have
-    seen. With world_size > 1 each rank takes a disjoint, equal-sized slice of the permutation
-    (DistributedSampler's rule). `batch_size` is per process. With `device`, the cache lives on that device and
+    by (seed, e, k), so both depend only on (seed, epoch) and a run resumed mid-epoch (`load_state_dict`, or
+    `set_epoch(e, skip_batches=k)`) continues with exactly the batches it would have seen. With world_size > 1
+    each rank takes a disjoint, equal-sized slice of the permutation (DistributedSampler's rule: positions
+    rank, rank + world_size, ...), so its batch k is rows rank::world_size of the global batch k; the crops
+    are drawn for the whole global batch and shared out the same way, so W processes see exactly the images
+    of one process with W times the batch. `batch_size` is per process. With `device`, the cache lives on that device and
     the augmentation runs there.
 
     Speed on one CPU core, 32 px, batch 128: about 36,000 images/s with the training augmentation (shapes;
@@ -892,11 +908,16 @@ class InMemoryLoader(_Resumable):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         start, epoch = self._begin(), self.epoch
         order = self.indices(epoch).to(self.device)
+        h, w = self.images.shape[-2:]
         for k in range(start, len(self)):
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]
-            gen = torch.Generator().manual_seed(_seed_of(self.seed, _AUGMENT, epoch, self.rank, k))
+            theta = None
+            if self.train:  # the crops of the GLOBAL batch k, drawn alike on every rank; this rank's rows
+                gen = torch.Generator().manual_seed(_seed_of(self.seed, _AUGMENT, epoch, 0, k))
+                theta = crop_params(len(idx) * self.world_size, h, w, self.crop_scale, self.hflip, gen)
+                theta = theta[self.rank::self.world_size]
             images = augment_batch(self.images[idx], self.img_size, self.mean, self.std, train=self.train,
-                                   crop_scale=self.crop_scale, hflip=self.hflip, generator=gen)
+                                   crop_scale=self.crop_scale, hflip=self.hflip, theta=theta)
             self._done = k + 1
             yield images, self.labels[idx]
 
@@ -914,7 +935,8 @@ class _SeededSampler(torch.utils.data.Sampler):
         epoch = self.base.epoch
         for pos, index in enumerate(self.base):
             if pos >= self.start:
-                yield int(index), _seed_of(self.seed, _AUGMENT, epoch, self.rank, pos)
+                # seeded by the position in the GLOBAL order (this rank holds positions rank::world_size)
+                yield int(index), _seed_of(self.seed, _AUGMENT, epoch, 0, pos * self.base.num_replicas + self.rank)
 
 
 class _SeededDataset(torch.utils.data.Dataset):
@@ -939,7 +961,7 @@ class StreamingLoader(_Resumable):
 
     Sampling uses DistributedSampler(num_replicas=world_size, rank=rank, shuffle=train, seed=seed,
     drop_last=train) - also for world_size=1 - and each sample's augmentation is seeded by
-    (seed, epoch, rank, position), so epochs repeat exactly and resume mid-epoch like the in-memory loader,
+    (seed, epoch, position in the global order), so epochs repeat exactly and resume mid-epoch like the in-memory loader,
     whatever num_workers. pin_memory when CUDA is available; persistent workers when num_workers > 0;
     drop_last=train. `batch_size` is per process.
     """
