@@ -1,0 +1,165 @@
+"""`ijepa-viz demo` / `make demo`: the main job, offline, in about three minutes on a laptop CPU.
+
+It trains the `cpu-tiny` preset on the built-in `shapes` dataset for a time budget, evaluates the average-pooled
+target encoder with a linear probe against a randomly initialised encoder of the same architecture (and raw
+pixels), and writes `report.html` with PNG figures: sampled masks, the loss curve, a PCA of the features
+coloured by class, and the probe accuracies.
+"""
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ijepa_viz.config import Config, get_preset, override  # noqa: E402
+
+QUICK = ["model.img_size=16", "model.patch_size=2", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+         "model.pred_embed_dim=16", "model.pred_depth=1", "mask.min_keep=1", "mask.num_targets=2",
+         "data.batch_size=16", "data.shapes_train_size=128", "data.shapes_test_size=64", "train.log_every=1"]
+
+
+class _TimeBudget:
+    """Callback: stop training once `seconds` have passed (the schedules are sized to end near then)."""
+
+    def __init__(self, seconds: float):
+        self.end = time.perf_counter() + seconds
+
+    def on_step(self, trainer, row):
+        if time.perf_counter() > self.end:
+            trainer.stop()
+
+
+def _estimate_steps(cfg: Config, seconds: float) -> int:
+    """Steps that fit in `seconds`, from timing a few steps of a throwaway trainer on random images."""
+    from ijepa_viz.train import Trainer
+
+    B = cfg.data.batch_size
+    images = torch.randn(B, 3, cfg.model.img_size, cfg.model.img_size)
+    probe = Trainer(override(cfg, ["train.steps=4"]), loader=[(images, torch.zeros(B))], progress=False)
+    probe.train_step(images)  # warm-up
+    t = time.perf_counter()
+    for _ in range(3):
+        probe.train_step(images)
+    per_step = (time.perf_counter() - t) / 3
+    return max(10, int(seconds * 0.95 / per_step))
+
+
+def demo_config(out_dir: str | Path, quick: bool = False) -> Config:
+    cfg = get_preset("cpu-tiny")
+    sets = ["data.name=shapes", f"train.out_dir={out_dir}", "train.log_every=5", "train.checkpoint_every=100"]
+    return override(cfg, sets + (QUICK if quick else []))
+
+
+def run_demo(out_dir: str | Path = "runs/demo", seconds: float = 180.0, quick: bool = False,
+             progress: bool = True) -> Path:
+    """Train, evaluate and write `<out_dir>/report.html`; returns its path."""
+    from ijepa_viz.evaluate import evaluate
+    from ijepa_viz.train import Trainer
+
+    out = Path(out_dir)
+    cfg = demo_config(out, quick)
+    start = time.perf_counter()
+    steps = 12 if quick else _estimate_steps(cfg, seconds)
+    cfg = override(cfg, [f"train.steps={steps}"])
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        ckpt.unlink()  # a demo always starts fresh
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    print(f"training cpu-tiny on shapes for {steps} steps (~{seconds:.0f} s budget) -> {out}")
+    result = Trainer(cfg, callbacks=[_TimeBudget(seconds * 1.1)], progress=progress).fit()
+    train_s = time.perf_counter() - start
+
+    print("evaluating: linear probe of the target encoder vs a random encoder and raw pixels")
+    limits = dict(limit_train=128, limit_test=64) if quick else {}
+    ev = evaluate(result.checkpoint, cfg=cfg, model=result.model, probes=("linear", "knn"), progress=progress,
+                  **limits)
+    figures = _figures(cfg, result, out)
+    report = _write_report(out, cfg, result, ev, figures, train_s, time.perf_counter() - start)
+    (out / "demo.json").write_text(json.dumps({"steps": result.step, "train_seconds": train_s,
+                                               "total_seconds": time.perf_counter() - start,
+                                               "eval": ev}, indent=2, default=str))
+    for row in ev["rows"]:
+        print(f"  {row['name']:28s} linear {row.get('linear', float('nan')) * 100:5.1f}%   "
+              f"kNN {row.get('knn', float('nan')) * 100:5.1f}%")
+    return report
+
+
+def _figures(cfg: Config, result, out: Path) -> dict[str, str]:
+    from ijepa_viz.data import class_names, load_uint8
+    from ijepa_viz.evaluate import extract_features
+    from ijepa_viz.masks import MaskCollator
+    from ijepa_viz.viz.plots import plot_loss, plot_masks
+    from sklearn.decomposition import PCA
+
+    files = {}
+    images, labels = load_uint8(cfg.data, "test", cfg.model.img_size, limit=512)
+    masks = MaskCollator(cfg.mask, cfg.grid_size, seed=0).sample(4, step=0)
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
+    for i, ax in enumerate(axes):
+        plot_masks(ax, images[i], masks, index=i)
+    fig.suptitle("multi-block masks: context patches and target blocks")
+    files["masks"] = _save(fig, out / "masks.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    plot_loss(ax, result.history)
+    files["loss"] = _save(fig, out / "loss.png")
+
+    from ijepa_viz.data import dataset_stats
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in dataset_stats(cfg.data.name))
+    x = (images.float() / 255 - mean) / std
+    feats, _ = extract_features(result.model.target_network, [(x, labels)], progress=False)
+    xy = PCA(n_components=2).fit_transform(feats.numpy())
+    names = class_names(cfg.data)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels.numpy(), cmap="tab10", s=8)
+    ax.legend(sc.legend_elements()[0], names, fontsize=7, loc="best")
+    ax.set(title="PCA of the target encoder's pooled features (test images)", xticks=[], yticks=[])
+    files["pca"] = _save(fig, out / "pca.png")
+    return files
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _write_report(out: Path, cfg: Config, result, ev: dict, figures: dict, train_s: float, total_s: float) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = [r["name"] for r in ev["rows"]]
+    accs = [r.get("linear", 0) * 100 for r in ev["rows"]]
+    bars = ax.barh(names, accs, color=["tab:blue", "tab:gray", "tab:orange"][: len(names)])
+    ax.bar_label(bars, fmt="%.1f%%")
+    ax.set(xlabel="linear-probe accuracy on shapes test (%)", xlim=(0, 105))
+    figures["probe"] = _save(fig, out / "probe.png")
+    rows = "".join(
+        f"<tr><td>{html.escape(r['name'])}</td><td>{r.get('linear', float('nan')) * 100:.1f}%</td>"
+        f"<td>{r.get('knn', float('nan')) * 100:.1f}%</td></tr>" for r in ev["rows"])
+    m = cfg.model
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ijepa_viz demo</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}img{{max-width:100%}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}</style></head><body>
+<h1>ijepa_viz demo: I-JEPA on the built-in shapes dataset</h1>
+<p>ViT with width {m.embed_dim}, depth {m.depth}, patch {m.patch_size} on {m.img_size}&nbsp;px images;
+predictor width {m.pred_embed_dim}, depth {m.pred_depth}. Trained {result.step} steps of batch
+{cfg.data.batch_size} in {train_s:.0f}&nbsp;s (total with evaluation {total_s:.0f}&nbsp;s).</p>
+<h2>What the model sees</h2><img src="{figures['masks']}">
+<h2>Training loss</h2><img src="{figures['loss']}">
+<h2>Linear probe: learned features vs baselines</h2>
+<table><tr><th>features</th><th>linear probe</th><th>kNN (k=20)</th></tr>{rows}</table>
+<img src="{figures['probe']}">
+<h2>Features</h2><img src="{figures['pca']}">
+</body></html>"""
+    path = out / "report.html"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path

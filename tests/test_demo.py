@@ -1,0 +1,19 @@
+"""`ijepa-viz demo --quick`: trains, evaluates, and writes an HTML report with its figures."""
+import json
+
+from ijepa_viz.cli import main
+
+
+def test_demo_quick_writes_report_with_figures(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.html'}" in printed
+    page = (out / "report.html").read_text()
+    for png in ("masks.png", "loss.png", "pca.png", "probe.png"):
+        assert (out / png).stat().st_size > 1000 and f'src="{png}"' in page
+    assert "random init" in page and "raw pixels" in page
+    summary = json.loads((out / "demo.json").read_text())
+    names = [r["name"] for r in summary["eval"]["rows"]]
+    assert names == ["ijepa (target encoder)", "random init", "raw pixels"]
+    assert summary["steps"] == 12
