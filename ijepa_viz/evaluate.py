@@ -36,7 +36,7 @@ from ijepa_viz.config import Config
 from ijepa_viz.data import augment_batch, build_loader, dataset_stats, load_uint8
 from ijepa_viz.masks import MaskCollator, Masks
 from ijepa_viz.model import IJEPA
-from ijepa_viz.train import load_model, resolve_device
+from ijepa_viz.train import load_model, resolve_device, resolve_precision
 
 __all__ = [
     "extract_features", "features_for", "raw_pixel_features", "linear_probe", "knn_classifier", "feature_std",
@@ -84,7 +84,7 @@ def _encode(encoder: nn.Module, images: torch.Tensor, pool: str, n_last: int) ->
 @torch.no_grad()
 def extract_features(encoder: nn.Module, loader: Iterable, *, pool: str = "avg", n_last: int = 1,
                      device: str | torch.device = "cpu", progress: bool = True,
-                     limit: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     limit: Optional[int] = None, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features of every image a loader yields.
 
     Args:
@@ -98,6 +98,8 @@ def extract_features(encoder: nn.Module, loader: Iterable, *, pool: str = "avg",
         device: where the encoder runs ('auto' picks cuda, then mps, then cpu).
         progress: show a tqdm progress bar.
         limit: stop after this many images (the first ones the loader yields).
+        precision: 'auto' runs under bf16 autocast where the training loop would (CUDA, CPUs with native
+            bf16: about 3x faster there), 'fp32' or 'bf16' force it. Features are returned in float32.
 
     Returns:
         features float32 on the CPU, (N, D * n_last) for pool='avg' or (N, P, D * n_last) for pool='none',
@@ -111,6 +113,7 @@ def extract_features(encoder: nn.Module, loader: Iterable, *, pool: str = "avg",
     if depth is not None and n_last > depth:
         raise ValueError(f"n_last={n_last} is more than the encoder's {depth} blocks")
     device = _device(device)
+    amp = resolve_precision(precision, device)
     home, was_training = _module_device(encoder), encoder.training
     encoder.eval().to(device)
     feats, labels, seen = [], [], 0
@@ -120,7 +123,8 @@ def extract_features(encoder: nn.Module, loader: Iterable, *, pool: str = "avg",
                               leave=False, dynamic_ncols=True):
             if limit is not None:
                 images, y = images[: limit - seen], y[: limit - seen]
-            x = _encode(encoder, images.to(device, non_blocking=True), pool, n_last)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                x = _encode(encoder, images.to(device, non_blocking=True), pool, n_last)
             feats.append(x.float().cpu())
             labels.append(_as_tensor(y).long().cpu())
             seen += len(images)
