@@ -93,6 +93,7 @@ class TrainConfig:
     precision: str = "auto"  # 'auto' (bf16 where it is faster), 'bf16' autocast, or 'fp32'
     ema: bool = True  # EMA target encoder; False: the target is the context encoder under stop-grad
     compile: bool = False  # wrap the networks in torch.compile
+    attention: str = "auto"  # 'sdpa' (fused), 'math' (explicit matmuls), 'auto': the faster one measured here
     out_dir: str = "runs/default"  # checkpoints, metrics.jsonl and config.yaml go here
     checkpoint_every: int = 500  # write a checkpoint every N steps (and always at the end)
     log_every: int = 10  # write a metrics line every N steps
@@ -300,6 +301,7 @@ def _validate(cfg: Config) -> None:
     _check(t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:"),
            f"train.device={t.device!r} must be auto, cpu, cuda, cuda:N or mps")
     _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision={t.precision!r} must be auto, bf16 or fp32")
+    _check(t.attention in ("auto", "sdpa", "math"), f"train.attention={t.attention!r} must be auto, sdpa or math")
     _check(t.checkpoint_every >= 1, f"train.checkpoint_every={t.checkpoint_every} must be at least 1")
     _check(t.log_every >= 1, f"train.log_every={t.log_every} must be at least 1")
 

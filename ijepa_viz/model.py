@@ -298,6 +298,18 @@ class IJEPA(nn.Module):
         torch._foreach_lerp_(tgt, src, 1.0 - momentum)  # t + (1-m)(s - t) = m t + (1-m) s
 
 
+def set_attention(model: nn.Module, impl: str) -> nn.Module:
+    """Choose how timm's attention layers compute softmax(q k^T / sqrt(d)) v: 'sdpa' (fused
+    F.scaled_dot_product_attention) or 'math' (explicit matmuls). Same result up to rounding; which is faster
+    depends on the device and dtype (see `ijepa-viz bench`)."""
+    if impl not in ("sdpa", "math"):
+        raise ValueError(f"attention implementation {impl!r} must be 'sdpa' or 'math'")
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = impl == "sdpa"
+    return model
+
+
 def build_model(cfg: ModelConfig, ema: bool = True) -> IJEPA:
     """An `IJEPA` built from a `ModelConfig`."""
     return IJEPA(cfg, ema=ema)

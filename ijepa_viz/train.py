@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ijepa_viz.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_training_checkpoint
 from ijepa_viz.config import Config, ConfigError, save_yaml
 from ijepa_viz.masks import MaskCollator
-from ijepa_viz.model import IJEPA, build_model
+from ijepa_viz.model import IJEPA, build_model, set_attention
 
 
 class TrainingDiverged(RuntimeError):
@@ -72,6 +72,14 @@ def cpu_has_fast_bf16() -> bool:
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # torch >= 2.3
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool((check and check()) or (amx and amx()))
+
+
+def resolve_attention(attention: str, device: torch.device, amp_dtype: torch.dtype | None) -> str:
+    """'auto': fused SDPA except for bf16 on CPU, where PyTorch's CPU flash-attention kernel (its backward
+    above all) is slower than explicit matmuls at ViT-Tiny sizes (measured: see the README's benchmarks)."""
+    if attention != "auto":
+        return attention
+    return "math" if device.type == "cpu" and amp_dtype == torch.bfloat16 else "sdpa"
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -206,6 +214,8 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, ema=t.ema).to(self.device)
+        self.attention = resolve_attention(t.attention, self.device, self.amp_dtype)
+        set_attention(self.model, self.attention)
         self.collator = MaskCollator(cfg.mask, cfg.grid_size, seed=t.seed)
         if loader is None:
             from ijepa_viz.data import build_loader
@@ -220,7 +230,9 @@ class Trainer:
         self.total_steps = t.steps or t.epochs * self.steps_per_epoch
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
 
-        self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=cfg.optim.lr, betas=cfg.optim.betas)
+        # fused AdamW: one kernel for all parameters (CPU and CUDA since torch 2.4); the same update rule.
+        self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                           fused=self.device.type in ("cpu", "cuda"))
         self.net = self.model
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
