@@ -30,7 +30,6 @@ import re
 import time
 import uuid
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -356,7 +355,8 @@ def _mlp_ratio(hidden: int, dim: int) -> float:
 def _need(sd: dict, keys: tuple, what: str) -> None:
     missing = [k for k in keys if k not in sd]
     if missing:
-        raise CheckpointError(f"{what} has no {', '.join(missing)} (found e.g. {', '.join(list(sd)[:4]) or 'nothing'}); "
+        found = ", ".join(list(sd)[:4]) or "nothing"
+        raise CheckpointError(f"{what} has no {', '.join(missing)} (found e.g. {found}); "
                               f"it is not an I-JEPA ViT in the official layout")
 
 
@@ -521,7 +521,8 @@ def _check_tensors(sd: Any, what: str) -> dict:
     return sd
 
 
-def from_official(ckpt: dict, *, num_heads: Optional[int] = None, source: str = "the checkpoint") -> tuple[nn.Module, Config]:
+def from_official(ckpt: dict, *, num_heads: Optional[int] = None,
+                  source: str = "the checkpoint") -> tuple[nn.Module, Config]:
     """Build an `IJEPA` (eval mode) and its `Config` from an official checkpoint dict already in memory.
 
     `ckpt` has the keys `encoder`, `predictor`, `target_encoder` (weights, optionally `module.`-prefixed) and

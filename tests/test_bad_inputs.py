@@ -123,7 +123,8 @@ CLI_CASES = [
     ("bad-strategy", _train("--set", "mask.strategy=spiral"), ["mask.strategy='spiral'", "multiblock"]),
     ("bad-precision", _train("--set", "train.precision=fp8"), ["train.precision='fp8'", "auto, bf16 or fp32"]),
     ("bad-device", _train("--set", "train.device=tpu"), ["train.device='tpu'", "auto, cpu, cuda"]),
-    ("unknown-dataset", _train("--data", "mnist", model=False), ["data.name='mnist' is not a dataset", "choose one of"]),
+    ("unknown-dataset", _train("--data", "mnist", model=False),
+     ["data.name='mnist' is not a dataset", "choose one of"]),
     ("batch-larger-than-data", _train("--set", "data.name=shapes", "--set", "data.batch_size=64"),
      ["fewer than one batch", "lower --set data.batch_size"]),
     # data

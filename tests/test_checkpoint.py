@@ -92,6 +92,10 @@ OFFICIAL_SIZES = {  # name: (img, patch, width, depth, encoder mlp_ratio, predic
 }
 
 
+TIMM_ARCH = {"IN1K-vit.h.14-300e": "vit_huge_patch14_gap_224", "IN1K-vit.h.16-448px-300e": "vit_huge_patch16_gap_448",
+             "IN22K-vit.g.16-600e": "vit_giant_patch16_gap_224"}
+
+
 def _meta(shapes: dict) -> dict:
     return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
 
@@ -118,7 +122,8 @@ def test_official_widths_load_strict_at_depth_one(name):
     n = (img // patch) ** 2
     enc = {k: torch.zeros(s) for k, s in official_encoder_shapes(img, patch, 3, dim, 1, ratio).items()}
     pred = {k: torch.zeros(s) for k, s in official_predictor_shapes(n, dim, pdim, 1, 4.0).items()}
-    ckpt = {"encoder": {"module." + k: v for k, v in enc.items()}, "target_encoder": {"module." + k: v for k, v in enc.items()},
+    ckpt = {"encoder": {"module." + k: v for k, v in enc.items()},
+            "target_encoder": {"module." + k: v for k, v in enc.items()},
             "predictor": {"module." + k: v for k, v in pred.items()}, "opt": None, "scaler": None, "epoch": 300,
             "loss": 0.1, "batch_size": 128, "world_size": 16, "lr": 1e-3}
     model, cfg = from_official(ckpt)
@@ -126,7 +131,12 @@ def test_official_widths_load_strict_at_depth_one(name):
     assert model.encoder.blocks[0].mlp.fc1.out_features == int(dim * ratio)
     assert model.predictor.predictor_blocks[0].mlp.fc1.out_features == 4 * pdim
     assert model.predictor.predictor_blocks[0].attn.num_heads == 16
-    del model, ckpt
+    # timm's registered model for this release takes the exported encoder as it is
+    import timm
+
+    tm = timm.create_model(TIMM_ARCH[name], pretrained=False, depth=1, num_classes=0)
+    tm.load_state_dict(export_timm_encoder(model), strict=True)
+    del model, ckpt, tm
 
 
 def _small(**kw):
