@@ -868,8 +868,8 @@ class InMemoryLoader(_Resumable):
     each rank takes a disjoint, equal-sized slice of the permutation (DistributedSampler's rule: positions
     rank, rank + world_size, ...), so its batch k is rows rank::world_size of the global batch k; the crops
     are drawn for the whole global batch and shared out the same way, so W processes see exactly the images
-    of one process with W times the batch. `batch_size` is per process. With `device`, the cache lives on that device and
-    the augmentation runs there.
+    of one process with W times the batch. `batch_size` is per process. With `device`, the cache lives on that
+    device and the augmentation runs there.
 
     Speed on one CPU core, 32 px, batch 128: about 36,000 images/s with the training augmentation (shapes;
     42,000/s on CIFAR-10), about 200,000/s for evaluation batches.
@@ -961,8 +961,8 @@ class StreamingLoader(_Resumable):
 
     Sampling uses DistributedSampler(num_replicas=world_size, rank=rank, shuffle=train, seed=seed,
     drop_last=train) - also for world_size=1 - and each sample's augmentation is seeded by
-    (seed, epoch, position in the global order), so epochs repeat exactly and resume mid-epoch like the in-memory loader,
-    whatever num_workers. pin_memory when CUDA is available; persistent workers when num_workers > 0;
+    (seed, epoch, position in the global order), so epochs repeat exactly and resume mid-epoch like the in-memory
+    loader, whatever num_workers. pin_memory when CUDA is available; persistent workers when num_workers > 0;
     drop_last=train. `batch_size` is per process.
     """
 
