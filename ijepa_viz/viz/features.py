@@ -2,7 +2,8 @@
 
 Read top to bottom:
 
-1. Inputs: `as_input` turns uint8 images into the normalised floats the encoder expects, `to_uint8` back.
+1. Inputs: `as_input` turns uint8 images into the normalised floats the encoder expects, `to_uint8` back;
+   `resize` changes the resolution of uint8 images.
 2. Embeddings: `embed` runs the target (or context) encoder over a set of images, average-pooled (what the
    paper evaluates) or per patch. Cached: the same model weights on the same images are encoded once.
 3. Projections for plotting: `pca_rgb` (3 principal components of patch features as colours), `pca_2d`
@@ -33,7 +34,7 @@ from ijepa_viz.masks import Masks
 from ijepa_viz.model import IJEPA, VisionTransformer, gather_tokens
 
 __all__ = [
-    "as_input", "to_uint8", "encoder_of", "embed", "clear_cache",
+    "as_input", "to_uint8", "resize", "encoder_of", "embed", "clear_cache",
     "pca_rgb", "pca_2d", "tsne_2d", "to_grid", "PredictionMaps", "prediction_maps",
     "PatchBank", "patch_bank", "Neighbours", "nearest_patches", "similarity_search",
 ]
@@ -137,6 +138,17 @@ def to_uint8(images: torch.Tensor, cfg: Config | str | None = None) -> torch.Ten
     shape = (1,) * (images.ndim - 3) + (3, 1, 1)
     x = images.float() * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize uint8 images (N, 3, H, W) or one (3, H, W) to size x size (bilinear, antialiased), still uint8:
+    e.g. to show an outside image to a model trained at another resolution."""
+    images = torch.as_tensor(images)
+    one = images.ndim == 3
+    x = images[None] if one else images
+    x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8)
+    return x[0] if one else x
 
 
 # -- 2. embeddings -----------------------------------------------------------------------------------
