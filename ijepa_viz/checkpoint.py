@@ -432,13 +432,13 @@ def infer_model_config(encoder_sd: dict, predictor_sd: dict, *,
     """(ModelConfig, predictor MLP ratio) of official encoder + predictor state dicts (no `module.` prefix).
 
     Predictor heads = encoder heads, as the official `init_model`. The official predictor always has
-    mlp_ratio 4 while ViT-g's encoder has 48/11; `ModelConfig` has one `mlp_ratio` (the encoder's), so the
-    predictor's comes back separately (see `build_for`).
+    mlp_ratio 4 while ViT-g's encoder has 48/11: that lands in `ModelConfig.pred_mlp_ratio`.
     """
     enc = infer_encoder_config(encoder_sd, num_heads=num_heads)
     pred = infer_predictor_config(predictor_sd, enc["embed_dim"], (enc["img_size"] // enc["patch_size"]) ** 2)
     pred_ratio = pred.pop("pred_mlp_ratio")
-    mcfg = ModelConfig(**enc, **pred, pred_num_heads=None, norm_eps=1e-6)
+    mcfg = ModelConfig(**enc, **pred, pred_num_heads=None, norm_eps=1e-6,
+                       pred_mlp_ratio=None if pred_ratio == enc["mlp_ratio"] else pred_ratio)
     if mcfg.pred_embed_dim % mcfg.num_heads:
         raise CheckpointError(f"the predictor is {mcfg.pred_embed_dim} wide, not divisible by the encoder's "
                               f"{mcfg.num_heads} heads; pass the right num_heads")
@@ -455,17 +455,15 @@ def _try_meta_build(fn: Callable[[], nn.Module]) -> nn.Module:
 
 
 def build_for(mcfg: ModelConfig, *, ema: bool = True, pred_mlp_ratio: Optional[float] = None) -> nn.Module:
-    """An `IJEPA` for `mcfg` whose predictor may have its own MLP ratio (the official ViT-g one: 4 vs 48/11).
+    """An `IJEPA` for `mcfg`; `pred_mlp_ratio` (from an older config.json) fills `mcfg.pred_mlp_ratio`.
 
     Its weights may be uninitialised (meta tensors): load a state dict with `load_weights` before use.
     """
     from ijepa_viz.model import build_model
 
-    model = _try_meta_build(lambda: build_model(mcfg, ema=ema))
-    if pred_mlp_ratio is not None and pred_mlp_ratio != mcfg.mlp_ratio:
-        other = dataclasses.replace(mcfg, mlp_ratio=pred_mlp_ratio)
-        model.predictor = _try_meta_build(lambda: build_model(other, ema=False)).predictor
-    return model
+    if pred_mlp_ratio is not None and mcfg.pred_mlp_ratio is None and pred_mlp_ratio != mcfg.mlp_ratio:
+        mcfg = dataclasses.replace(mcfg, pred_mlp_ratio=pred_mlp_ratio)
+    return _try_meta_build(lambda: build_model(mcfg, ema=ema))
 
 
 def _describe_mismatch(module: nn.Module, sd: dict, what: str) -> Optional[str]:

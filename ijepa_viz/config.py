@@ -37,6 +37,7 @@ class ModelConfig:
     pred_embed_dim: int = 96  # predictor width Dp: narrower than the encoder (paper: 384 for ViT-H)
     pred_depth: int = 6  # predictor blocks (paper: 12 for ViT-H, 6 for ViT-B)
     pred_num_heads: Optional[int] = None  # predictor heads; None = the encoder's, as the official code does
+    pred_mlp_ratio: Optional[float] = None  # predictor MLP ratio; None = mlp_ratio (official ViT-g: 4 vs 48/11)
     target: str = "representation"  # what to predict: 'representation' (I-JEPA) or 'pixels' (ablation)
     loss: str = "smooth_l1"  # 'smooth_l1' (official code) or 'mse' (the paper's L2)
 

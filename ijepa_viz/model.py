@@ -231,7 +231,8 @@ class IJEPA(nn.Module):
                           norm_eps=cfg.norm_eps, init_std=cfg.init_std)
         self.encoder = VisionTransformer(**enc_kwargs)
         self.predictor = Predictor(self.encoder.num_patches, cfg.embed_dim, cfg.pred_embed_dim, cfg.pred_depth,
-                                   cfg.pred_num_heads or cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
+                                   cfg.pred_num_heads or cfg.num_heads, cfg.pred_mlp_ratio or cfg.mlp_ratio,
+                                   cfg.qkv_bias,
                                    cfg.drop_path_rate, cfg.norm_eps, cfg.init_std)
         self.target_encoder = None
         if ema:

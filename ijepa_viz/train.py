@@ -291,7 +291,13 @@ class Trainer:
         path = self.out_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        keep = []
+        for ln in path.read_text().splitlines():
+            try:
+                if json.loads(ln)["step"] <= step:
+                    keep.append(ln)
+            except (ValueError, KeyError, TypeError):  # a half-written last line (power cut): drop it
+                continue
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         tmp.replace(path)
