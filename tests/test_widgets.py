@@ -157,6 +157,14 @@ def test_notebook_config_quick_is_tiny_shapes(tmp_path):
     assert cfg.train.out_dir == str(tmp_path) and cfg.mask.min_keep < 9
 
 
+def test_steps_for_budget_is_bounded(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    assert widgets.steps_for_budget(cfg, 0.0) == 20  # at least min_steps
+    assert widgets.steps_for_budget(cfg, 1e9, max_steps=123) == 123
+    assert 20 <= widgets.steps_for_budget(cfg, 2.0) <= 5000
+    assert not (tmp_path / "run").exists()  # the timing run writes nothing
+
+
 # -- the training dashboard ----------------------------------------------------------------------------
 
 def test_run_training_without_a_front_end(tmp_path):

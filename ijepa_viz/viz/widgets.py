@@ -34,7 +34,7 @@ from ijepa_viz.viz import plots
 __all__ = [
     "REPO_ROOT", "RUNS_DIR", "NOTEBOOK_RUN", "NOTEBOOK_CHECKPOINT", "sample_image", "image_from_bytes",
     "figure_png", "MaskExplorer", "mask_explorer", "TrainingDashboard", "training_dashboard", "run_training",
-    "notebook_config", "local_cifar10",
+    "notebook_config", "local_cifar10", "steps_for_budget",
 ]
 
 
@@ -112,7 +112,7 @@ class MaskExplorer(widgets.VBox):
         cfg = mask_cfg or MaskConfig()
         self._images = {"bundled sample": sample_image()}
         if image is not None:
-            self._images = {"your image": plots_image_uint8(image), **self._images}
+            self._images = {"given image": plots_image_uint8(image), **self._images}
         self._dataset = dataset
         self.masks = None
         self.fraction_values: Optional[tuple[float, float]] = None  # (context, target) of the last masks
@@ -538,17 +538,42 @@ def local_cifar10() -> Optional[Path]:
 QUICK_OVERRIDES = [  # a 2-block, 64-wide ViT on 256 shapes: a handful of steps in a few seconds
     "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.pred_embed_dim=32", "model.pred_depth=1",
     "data.name=shapes", "data.batch_size=32", "data.shapes_train_size=256", "data.shapes_test_size=128",
-    "train.steps=6", "train.log_every=1", "optim.warmup_epochs=1",
+    "train.steps=6", "train.log_every=1", "optim.warmup_epochs=0.25",
 ]
-NORMAL_OVERRIDES = [  # cpu-tiny, 300 steps of 128 images: a few minutes on a laptop CPU
-    "train.steps=300", "train.log_every=5", "train.checkpoint_every=100", "optim.warmup_epochs=1",
-]
+NORMAL_OVERRIDES = ["train.log_every=5", "train.checkpoint_every=100"]  # cpu-tiny; the steps fit a time budget
 
 
-def notebook_config(quick: bool, out_dir: Path | str = NOTEBOOK_RUN, extra: Sequence[str] = ()) -> Config:
-    """The training run of notebook 03: cpu-tiny (ViT-Tiny/4 at 32 px, masks with min_keep=4 so the 8x8 grid
-    works) on 'shapes', or on a local CIFAR-10 (`local_cifar10`) in normal mode; `quick` shrinks it to a few
-    seconds and always uses 'shapes'."""
+def steps_for_budget(cfg: Config, seconds: float, min_steps: int = 20, max_steps: int = 5000) -> int:
+    """How many optimiser steps of `cfg` fit in `seconds` on this machine: times two steps (after one warm-up
+    step) of a throwaway model on random images, so the run's schedules can span exactly the steps it does."""
+    from ijepa_viz.train import Trainer
+
+    B, S = cfg.data.batch_size, cfg.model.img_size
+    images = torch.randn(B, 3, S, S)
+    probe = Trainer(override(cfg, ["train.steps=3"]), loader=[(images, torch.zeros(B))], progress=False)
+    probe.train_step(images)  # warm-up: allocations, kernels
+    t = time.perf_counter()
+    for _ in range(2):
+        probe.train_step(images)
+    per_step = (time.perf_counter() - t) / 2
+    return int(min(max_steps, max(min_steps, seconds / per_step)))
+
+
+def _train_size(cfg: Config) -> int:
+    """Training images of cfg.data (for the warmup length); counted on disk for an imagefolder."""
+    if cfg.data.name == "shapes":
+        return cfg.data.shapes_train_size
+    if cfg.data.name == "imagefolder":
+        return sum(1 for f in (Path(cfg.data.root) / "train").rglob("*") if f.is_file())
+    return 50_000  # CIFAR-10/100
+
+
+def notebook_config(quick: bool, out_dir: Path | str = NOTEBOOK_RUN, extra: Sequence[str] = (),
+                    budget_s: float = 150.0) -> Config:
+    """The training run of notebook 03: the cpu-tiny preset (ViT-Tiny/4 at 32 px) on a local CIFAR-10
+    (`local_cifar10`) or on 'shapes', for as many steps as fit in `budget_s` seconds on this machine
+    (`steps_for_budget`), with a warmup of a tenth of them. `quick` shrinks it to a 2-block model for 6 steps,
+    always on 'shapes'. `extra` overrides come last."""
     from ijepa_viz.config import get_preset
 
     sets = ["mask.min_keep=4", f"train.out_dir={out_dir}"]
@@ -558,4 +583,9 @@ def notebook_config(quick: bool, out_dir: Path | str = NOTEBOOK_RUN, extra: Sequ
         sets += ["data.name=imagefolder", f"data.root={cifar}"]
     elif cifar is not None:
         sets += ["data.name=cifar10", f"data.root={cifar}", "data.download=false"]
-    return override(get_preset("cpu-tiny"), [*sets, *extra])
+    cfg = override(get_preset("cpu-tiny"), sets)
+    if not quick:
+        steps = steps_for_budget(cfg, budget_s)
+        per_epoch = max(1, _train_size(cfg) // cfg.data.batch_size)
+        cfg = override(cfg, [f"train.steps={steps}", f"optim.warmup_epochs={max(1, steps // 10) / per_epoch}"])
+    return override(cfg, list(extra))
