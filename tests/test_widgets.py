@@ -129,6 +129,14 @@ def test_upload_switches_to_the_uploaded_image(explorer):
     assert "could not read" in explorer.error.value
 
 
+def test_explorer_starts_from_a_file(tmp_path):
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (640, 480), (20, 120, 200)).save(path)
+    ex = widgets.mask_explorer(image=path, patch_size=16)
+    assert ex.controls["source"].value == "given image" and ex.image.shape == (3, 224, 224)
+    assert ex.masks.grid == (14, 14)
+
+
 def test_redraw_is_fast_enough(explorer):
     for seed in range(10):
         explorer.controls["seed"].value = seed

@@ -12,6 +12,7 @@ Notebook 03 writes the checkpoint there and the later notebooks read it.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import threading
@@ -103,8 +104,9 @@ class MaskExplorer(widgets.VBox):
     every setting of `MaskConfig` that shapes them. See `mask_explorer`.
 
     Attributes: `controls` (name -> widget), `image_widget` (ipywidgets.Image with the PNG), `fractions`
-    (HTML with the live context / target fractions; their values in `fraction_values`), `error` (HTML, the `MaskConfigError` of an impossible
-    setting, else empty), `masks` (the last `Masks`), `figure` / `ax`, `redraw_times` (seconds per redraw).
+    (HTML with the live context / target fractions; their values in `fraction_values`), `error` (HTML: the
+    `MaskConfigError` of an impossible setting, else empty), `masks` (the last `Masks`), `figure` / `ax`,
+    `redraw_times` (seconds per redraw).
     """
 
     def __init__(self, image=None, mask_cfg: Optional[MaskConfig] = None, patch_size: int = 8,
@@ -112,7 +114,7 @@ class MaskExplorer(widgets.VBox):
         cfg = mask_cfg or MaskConfig()
         self._images = {"bundled sample": sample_image()}
         if image is not None:
-            self._images = {"given image": plots_image_uint8(image), **self._images}
+            self._images = {"given image": _square_uint8(image), **self._images}
         self._dataset = dataset
         self.masks = None
         self.fraction_values: Optional[tuple[float, float]] = None  # (context, target) of the last masks
@@ -139,9 +141,7 @@ class MaskExplorer(widgets.VBox):
             "resample": widgets.Button(description="new masks", icon="refresh", tooltip="seed + 1"),
         }
         for w in c.values():
-            if hasattr(w, "style") and isinstance(w, (widgets.IntSlider, widgets.FloatRangeSlider,
-                                                      widgets.SelectionSlider, widgets.Dropdown,
-                                                      widgets.BoundedIntText)):
+            if not isinstance(w, (widgets.Button, widgets.FileUpload)):
                 w.style.description_width = "90px"
         self._base_cfg = cfg
         self.figure = _new_figure((size_px / 100, size_px / 100), 100)
@@ -279,10 +279,13 @@ def _html_escape(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def plots_image_uint8(image) -> torch.Tensor:
-    """Any image `plots.to_display` accepts (or PNG/JPEG bytes) -> uint8 (3, H, W), cropped to a square."""
+def _square_uint8(image) -> torch.Tensor:
+    """Any image `plots.to_display` accepts -> uint8 (3, S, S), its centred square. Image files (a path, or
+    PNG/JPEG bytes) are cropped and resized to 224 px, as uploads."""
+    if isinstance(image, (str, Path)):
+        image = Path(image).read_bytes()
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return image_from_bytes(image, size=None)
+        return image_from_bytes(image, size=224)
     x = torch.from_numpy((plots.to_display(image) * 255 + 0.5).astype(np.uint8)).permute(2, 0, 1)
     side = min(x.shape[1:])
     top, left = (x.shape[1] - side) // 2, (x.shape[2] - side) // 2
@@ -292,6 +295,7 @@ def plots_image_uint8(image) -> torch.Tensor:
 _DATASET_CACHE: dict = {}
 
 
+@functools.lru_cache(maxsize=32)
 def _dataset_image(name: str, index: int, img_size: int = 112) -> torch.Tensor:
     """Image `index` of a dataset's test split, uint8 (3, S, S): 'shapes' is rendered at `img_size`
     (no files needed); other datasets load through `ijepa_viz.data.load_uint8` at their own size."""
@@ -312,7 +316,8 @@ def mask_explorer(image=None, mask_cfg: Optional[MaskConfig] = None, patch_size:
     """An interactive view of I-JEPA's masks on one image.
 
     Args:
-        image: an image to start from (tensor/array in any layout, PIL image, or file bytes); None starts
+        image: an image to start from (tensor/array in any layout, PIL image, or an image file's path or bytes,
+            cropped to a square and resized to 224 px); None starts
             from the bundled sample (`sample_image`). The 'image' dropdown also offers image `index` of
             `dataset`'s test split, and an uploaded file (FileUpload; cropped to a square, 224 px).
         mask_cfg: the starting `MaskConfig` (default: the paper's multi-block settings).
@@ -498,12 +503,12 @@ def training_dashboard(cfg: Config, monitor_every: Optional[int] = None, eval_im
 
 
 def run_training(cfg: Config, live: bool = True, monitor_every: Optional[int] = None, eval_images: int = 256,
-                 resume: bool = False, progress: bool = True):
+                 resume: bool = False, progress: Optional[bool] = None):
     """Train `cfg` here and now (blocking) and return the `TrainResult`; what notebooks call.
 
     live=True shows a `TrainingDashboard` that updates while the cell runs (interrupt the kernel to stop early:
     the Trainer ends the step and writes its checkpoint); live=False draws nothing. `progress` shows the
-    Trainer's tqdm bar. A fresh run (resume=False) replaces the metrics.jsonl of an earlier run in the same
+    Trainer's tqdm bar (default: only when not live; the dashboard has its own). A fresh run (resume=False) replaces the metrics.jsonl of an earlier run in the same
     out_dir, so the plots show this run only. The result's `history` is the dashboard's: the metrics rows,
     with 'feature_std' and 'rankme' added every `monitor_every` steps.
     """
@@ -517,7 +522,7 @@ def run_training(cfg: Config, live: bool = True, monitor_every: Optional[int] = 
 
         dash.start_button.layout.display = "none"
         display(dash)
-    result = dash.start(block=True, progress=progress)
+    result = dash.start(block=True, progress=(not live) if progress is None else progress)
     result.history = dash.history
     return result
 
