@@ -64,7 +64,8 @@ def jupyter_lab(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(value)
     env = dict(os.environ, IJEPA_VIZ_QUICK="1", JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
-               JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), OMP_NUM_THREADS="1")
+               JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), JUPYTER_DATA_DIR=str(tmp_path / "data"),
+               OMP_NUM_THREADS="1")
     env.pop("MPLBACKEND", None)  # let the kernel use its inline backend, as for a reader
     jupyter = Path(sys.executable).with_name("jupyter")
     log = tmp_path / "jupyter.log"
