@@ -110,6 +110,16 @@ def test_pca_rgb_is_in_unit_range_for_both_layouts_and_keeps_nan_rows():
     assert np.isnan(holes[:5]).all() and np.isfinite(holes[5:]).all()
 
 
+def test_remove_position_subtracts_each_positions_mean():
+    feats = torch.randn(5, 16, 8) + torch.randn(16, 8) * 10  # a strong per-position offset
+    out = fx.remove_position(feats)
+    assert out.shape == feats.shape and torch.allclose(out.mean(0), torch.zeros(16, 8), atol=1e-5)
+    mean = feats.mean(0)
+    assert torch.allclose(fx.remove_position(feats[0], mean), out[0])
+    with pytest.raises(ValueError, match="mean"):
+        fx.remove_position(feats[0])
+
+
 def test_pca_2d_and_tsne_2d_shapes_and_tsne_cache():
     rng = np.random.default_rng(0)
     feats = np.concatenate([rng.normal(0, 1, (30, 40)), rng.normal(6, 1, (30, 40))]).astype(np.float32)
@@ -236,11 +246,12 @@ def test_plot_retrieval_and_neighbours_fill_their_axes(model, cfg, data):
                              class_names=class_names(cfg.data), query_label=int(labels[0]))
     assert axes.shape == (4,) and all(len(a.images) == 1 for a in axes)
     assert "0.900" in axes[1].get_title() and class_names(cfg.data)[int(labels[3])] in axes[1].get_title()
+    assert axes[1].get_xlabel() == "#3"
     bank = fx.patch_bank(model, images[:4], cfg)
     nb = fx.nearest_patches(bank.feats[:5], bank, k=3)
     grid = fp.plot_neighbours(Figure(), nb, true_pixels=bank.pixels[:5], rows=[0, 2])
     assert grid.shape == (2, 4) and all(len(a.images) == 1 for a in grid.ravel())
-    assert grid[0, 1].get_title() == f"{nb.score[0, 0]:.2f}"
+    assert grid[0, 1].get_title() == f"{nb.score[0, 0]:.3f}"
 
 
 def test_plot_probe_bars_one_container_per_encoder():

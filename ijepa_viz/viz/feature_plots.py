@@ -157,7 +157,8 @@ def plot_retrieval(axes_or_fig, query, gallery, indices: Sequence[int], scores: 
         labels, class_names: name each neighbour's class; with `query_label` too, a neighbour's title is
             green when its class matches the query's and red when it does not.
 
-    Returns: the (k + 1,) array of Axes; Axes i > 0 shows one image titled with its rank and score.
+    Returns: the (k + 1,) array of Axes; Axes i > 0 shows one image titled with its score (and class), its
+    gallery index as the x label.
     """
     k = len(indices)
     axes = _axes(axes_or_fig, 1, k + 1).reshape(-1)
@@ -174,7 +175,8 @@ def plot_retrieval(axes_or_fig, query, gallery, indices: Sequence[int], scores: 
             name = "\n" + (class_names[c] if class_names is not None and c < len(class_names) else str(c))
             if query_label is not None:
                 colour = "#2ca02c" if c == int(query_label) else "#d62728"
-        _bare(ax, f"#{int(i)}  cos {float(sc):.3f}{name}")
+        _bare(ax, f"cos {float(sc):.3f}{name}")
+        ax.set_xlabel(f"#{int(i)}", fontsize=7)
         ax.title.set_color(colour)
     return axes
 
@@ -210,7 +212,7 @@ def plot_neighbours(axes_or_fig, neighbours, true_pixels: Optional[np.ndarray] =
         for j in range(k):
             ax = axes[r, lead + j]
             ax.imshow(neighbours.pixels[q, j], interpolation="nearest")
-            _bare(ax, f"{neighbours.score[q, j]:.2f}")
+            _bare(ax, f"{neighbours.score[q, j]:.3f}")
             ax.title.set_fontsize(7)
     return axes
 

@@ -103,6 +103,13 @@ class PredictionExplorer(_App):
         image = self.images[self.controls["index"].value]
         return fx.prediction_maps(model, image, masks, None if block < 0 else block, cfg=self.cfg)
 
+    def _position_mean(self, model: IJEPA):
+        """Each position's mean target feature over `images` (removed before the PCA colours, so they show
+        content, not position); 0 for a model that predicts pixels."""
+        if model.pixel_head is not None:
+            return 0
+        return fx.embed(model, self.images, self.cfg, pool="none", normalize=True).mean(0)
+
     def _draw(self) -> None:
         c = self.controls
         collator = MaskCollator(self.cfg.mask, self.cfg.grid_size, seed=c["seed"].value)
@@ -110,8 +117,10 @@ class PredictionExplorer(_App):
         all_maps = {name: self._maps(m, self.masks) for name, m in self.models.items()}
         maps = self.maps = all_maps[c["model"].value]
         image = self.images[c["index"].value]
+        pos = self._position_mean(self.models[c["model"].value])  # (P, D), or 0
+        at = pos[maps.patch] if torch.is_tensor(pos) else 0
         # colours fitted on the true target features of the whole image, so prediction and truth compare
-        rgb = fx.pca_rgb(torch.cat([maps.target, maps.pred]), fit_on=maps.all_targets)
+        rgb = fx.pca_rgb(torch.cat([maps.target - at, maps.pred - at]), fit_on=maps.all_targets - pos)
         K, grid = len(maps.patch), self.masks.grid
         fig = _figure(11.5, 2.6)
         axes = fig.subplots(1, 5)
@@ -135,7 +144,8 @@ def prediction_explorer(trained_model: IJEPA, untrained_model: Optional[IJEPA], 
     Controls: `index` (which of `images`), `seed` and `resample` (new masks), `block` (one target block or
     all), `model` ('trained' / 'untrained': the same image and masks through the other checkpoint). The figure
     shows the masks, the cosine-similarity and error maps, and PCA->RGB of the true and the predicted target
-    features in shared colours; the summary line gives both checkpoints' mean cosine and error.
+    features in shared colours (after `features.remove_position` with the mean over `images`); the summary
+    line gives both checkpoints' mean cosine and error.
 
     Args:
         images: uint8 (N, 3, H, W) at `cfg.model.img_size`, normalised with `cfg.data`'s statistics.

@@ -6,8 +6,9 @@ Read top to bottom:
    `resize` changes the resolution of uint8 images.
 2. Embeddings: `embed` runs the target (or context) encoder over a set of images, average-pooled (what the
    paper evaluates) or per patch. Cached: the same model weights on the same images are encoded once.
-3. Projections for plotting: `pca_rgb` (3 principal components of patch features as colours), `pca_2d`
-   and `tsne_2d` (cached) of pooled features.
+3. Projections for plotting: `pca_rgb` (3 principal components of patch features as colours; with
+   `remove_position` first, the content rather than the position), `pca_2d` and `tsne_2d` (cached) of
+   pooled features.
 4. Predictions: `prediction_maps` runs the I-JEPA stages on one image and compares the predictor's output
    with the target encoder's, patch by patch, on the grid.
 5. Retrieval: `patch_bank` + `nearest_patches` show the real image patches whose target embeddings lie
@@ -35,7 +36,7 @@ from ijepa_viz.model import IJEPA, VisionTransformer, gather_tokens
 
 __all__ = [
     "as_input", "to_uint8", "resize", "encoder_of", "embed", "clear_cache",
-    "pca_rgb", "pca_2d", "tsne_2d", "to_grid", "PredictionMaps", "prediction_maps",
+    "pca_rgb", "remove_position", "pca_2d", "tsne_2d", "to_grid", "PredictionMaps", "prediction_maps",
     "PatchBank", "patch_bank", "Neighbours", "nearest_patches", "similarity_search",
 ]
 
@@ -253,6 +254,25 @@ def pca_rgb(patch_feats, fit_on=None, percentiles: tuple[float, float] = (1.0, 9
     if ok.any():
         out[ok] = np.clip((pca.transform(flat[ok]) - lo) / np.maximum(hi - lo, 1e-8), 0.0, 1.0)
     return out.reshape(*X.shape[:-1], 3)
+
+
+def remove_position(patch_feats, mean=None):
+    """Subtract each patch position's mean feature, leaving what the patch's *content* adds.
+
+    The encoder adds a fixed sin-cos position embedding to every patch, and in a small or briefly trained ViT
+    that position signal dominates the patch features: a PCA of them mostly paints the coordinates. Removing
+    the mean feature of each position over many images shows the content instead.
+
+    Args:
+        patch_feats: (N, P, D) or (P, D) patch features (tensor or array).
+        mean: (P, D) mean feature of each position; default: the mean over the N images of `patch_feats`.
+    Returns: patch_feats minus the mean, same shape and type.
+    """
+    if mean is None:
+        if patch_feats.ndim != 3:
+            raise ValueError("remove_position needs (N, P, D) features to average over, or an explicit mean")
+        mean = patch_feats.mean(0)
+    return patch_feats - mean
 
 
 def pca_2d(feats) -> np.ndarray:
