@@ -152,6 +152,10 @@ def test_plot_loss_and_in_place_update():
     assert ax.get_xlim()[1] >= 20  # rescaled to the new data
     plots.plot_loss(ax, HISTORY, smooth=0.9)
     assert len(ax.get_lines()) == 2
+    ema = ax.get_lines()[1].get_ydata()
+    assert ema[0] == pytest.approx(1.0)  # bias-corrected: starts at the first loss, not near 0
+    flat = plots._smoothed(np.full(5, 2.0), 0.9)
+    assert np.allclose(flat, 2.0)
 
 
 def test_plot_schedules_follow_the_config():
@@ -178,6 +182,9 @@ def test_plot_collapse_draws_each_monitor():
     assert {line.get_gid() for line in ax.get_lines()} == {"zero", "target_std", "feature_std"}
     twin = ax._ijepa_twin
     assert [line.get_gid() for line in twin.get_lines()] == ["rankme"]
+    lines = {line.get_gid(): line for line in ax.get_lines()}
+    assert lines["feature_std"].get_ydata()[0] == pytest.approx(1.0)  # relative to the first reading
+    assert lines["feature_std"].get_label() == "feature_std / 0.3" and twin.get_ylim()[0] == 0
     assert len(twin.get_lines()[0].get_xdata()) == 4
     plots.plot_collapse(ax, HISTORY)
     assert len(ax.get_lines()) == 3 and len(twin.get_lines()) == 1

@@ -285,19 +285,24 @@ def _rescale(ax: Axes) -> None:
     ax.autoscale_view()
 
 
+def _smoothed(y: np.ndarray, smooth: float) -> np.ndarray:
+    """Exponential moving average with bias correction (as TensorBoard's), so early points are not dragged
+    towards zero: ema_i / (1 - smooth^(i+1))."""
+    out, acc = np.empty_like(y), 0.0
+    for i, v in enumerate(y):
+        acc = smooth * acc + (1 - smooth) * v
+        out[i] = acc / (1 - smooth ** (i + 1))
+    return out
+
+
 def plot_loss(ax: Axes, history: Sequence[Mapping], key: str = "loss", smooth: float = 0.0,
               logy: bool = False) -> Axes:
     """Training loss against the optimiser step, from the metrics rows of `Trainer` (`history`).
-    `smooth` in [0, 1) adds an exponential moving average of the loss on top of the raw curve."""
+    `smooth` in [0, 1) adds a bias-corrected exponential moving average of the loss on top of the raw curve."""
     x, y = _column(history, key)
     _line(ax, key, x, y, color="tab:blue", alpha=0.45 if smooth else 1.0, label=key)
     if smooth and len(y):
-        ema = np.empty_like(y)
-        acc = y[0]
-        for i, v in enumerate(y):
-            acc = smooth * acc + (1 - smooth) * v
-            ema[i] = acc
-        _line(ax, key + "_ema", x, ema, color="tab:blue", label=f"{key} (EMA {smooth:g})")
+        _line(ax, key + "_ema", x, _smoothed(y, smooth), color="tab:blue", label=f"{key} (EMA {smooth:g})")
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -337,16 +342,22 @@ def plot_schedules(axes: Sequence[Axes], cfg, total_steps: int, steps_per_epoch:
 
 
 def plot_collapse(ax: Axes, history: Sequence[Mapping]) -> Axes:
-    """Collapse monitors against the step: 'target_std' (std over target tokens of the layer-normed targets,
-    from every metrics row) and, when present, 'feature_std' (std of pooled target-encoder features) on the
-    left axis, and 'rankme' (effective rank of those features) on a right axis. A collapsed encoder maps every
-    image to the same vector: the stds drop to 0 and the rank to 1."""
+    """Collapse monitors against the step, from metrics rows.
+
+    Left axis, each divided by its first reading so that both start at 1 (the legend gives that reading):
+    'target_std' (std over the target tokens of the layer-normed targets, in every row) and, when present,
+    'feature_std' (std of the L2-normalised, average-pooled target-encoder features of fixed test images).
+    Right axis, when present: 'rankme', the effective rank of those features (1 to their width).
+    A collapsed encoder maps every image to the same vector: the stds fall to 0 and RankMe to 1.
+    """
     if not any(line.get_gid() == "zero" for line in ax.get_lines()):
         ax.axhline(0.0, color="grey", linewidth=0.8, gid="zero")
     for key, colour in (("target_std", "tab:red"), ("feature_std", "tab:orange")):
         x, y = _column(history, key)
         if len(x):
-            _line(ax, key, x, y, color=colour, marker="." if key == "feature_std" else None, label=key)
+            first = y[0] if y[0] > 0 else 1.0
+            line = _line(ax, key, x, y / first, color=colour, marker="." if key == "feature_std" else None)
+            line.set_label(f"{key} / {first:.3g}")
     x, y = _column(history, "rankme")
     if len(x):
         twin = getattr(ax, "_ijepa_twin", None)
@@ -355,12 +366,14 @@ def plot_collapse(ax: Axes, history: Sequence[Mapping]) -> Axes:
             twin.set_ylabel("RankMe (effective rank)", color="tab:green")
         _line(twin, "rankme", x, y, color="tab:green", marker=".", label="rankme")
         _rescale(twin)
+        twin.set_ylim(0, max(1.0, float(np.max(y))) * 1.15)  # from 0: a small wiggle should look small
     ax.set_xlabel("step")
-    ax.set_ylabel("std")
+    ax.set_ylabel("std / first value")
     ax.set_title("collapse monitors")
     if any(line.get_label()[:1] != "_" for line in ax.get_lines()):
         ax.legend(loc="lower left", fontsize="small")  # again: a monitor may have appeared since last time
     _rescale(ax)
+    ax.set_ylim(bottom=min(-0.05, ax.get_ylim()[0]))
     return ax
 
 
