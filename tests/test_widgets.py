@@ -205,6 +205,13 @@ def test_dashboard_start_and_stop_leave_a_checkpoint(tmp_path):
     assert dash.image_widget.value[:4] == b"\x89PNG"
 
 
+def test_resumed_dashboard_keeps_the_earlier_curve(tmp_path):
+    widgets.run_training(tiny_config(tmp_path / "run", "train.steps=3"), live=False, progress=False)
+    dash = widgets.training_dashboard(tiny_config(tmp_path / "run", "train.steps=5"), resume=True)
+    result = dash.start(block=True)
+    assert result.step == 5 and [r["step"] for r in dash.history] == [1, 2, 3, 4, 5]
+
+
 def test_dashboard_collapse_monitors(tmp_path):
     pytest.importorskip("ijepa_viz.evaluate")
     dash = widgets.training_dashboard(tiny_config(tmp_path / "run", "train.steps=4"), monitor_every=2,

@@ -418,6 +418,7 @@ class TrainingDashboard(widgets.VBox):
                                    loader=self._loader)
             if self._stop_requested:
                 self.trainer.stop()
+            self.history = [dict(r) for r in self.trainer.history]  # a resumed run keeps its earlier curve
             self.progress.max = self.trainer.total_steps
             self.progress.value = self.trainer.step
             self.status.value = f"training: {self.trainer.total_steps} steps on {self.trainer.device}"
