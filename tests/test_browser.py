@@ -42,7 +42,8 @@ def _wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"jupyter lab exited with code {proc.returncode} before serving; its log:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"jupyter lab exited with code {proc.returncode} before serving; its log:\n"
+                        f"{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status == 200:
@@ -50,7 +51,8 @@ def _wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float
         except OSError:
             pass
         time.sleep(1)
-    pytest.fail(f"jupyter lab did not answer {url.split('?')[0]} within {timeout} s; its log:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"jupyter lab did not answer {url.split('?')[0]} within {timeout} s; its log:\n"
+                f"{log.read_text()[-3000:]}")
 
 
 @pytest.fixture
@@ -70,7 +72,8 @@ def jupyter_lab(tmp_path):
     jupyter = Path(sys.executable).with_name("jupyter")
     log = tmp_path / "jupyter.log"
     cmd = [str(jupyter), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1", f"--IdentityProvider.token={token}",
-           f"--ServerApp.root_dir={REPO}", f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}", f"--LabApp.user_settings_dir={settings}",
+           f"--ServerApp.root_dir={REPO}", f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
+           f"--LabApp.user_settings_dir={settings}",
            "--ServerApp.port_retries=0", "--allow-root"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -155,7 +158,8 @@ def _drive(sync_api, base, token, log, tmp_path):
             try:
                 page.wait_for_function(
                     f"""(b) => {{ const s = ({state_js})();
-                                 return s.loaded && s.src !== b.src && s.text !== b.text && /2 blocks/.test(s.text); }}""",
+                                 return s.loaded && s.src !== b.src && s.text !== b.text
+                                        && /2 blocks/.test(s.text); }}""",
                     arg=before, timeout=CHANGE_TIMEOUT_S * 1000)
             except sync_api.TimeoutError:
                 _screenshot(page, tmp_path, "mask_explorer_unchanged.png")

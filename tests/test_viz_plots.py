@@ -10,7 +10,7 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from ijepa_viz.config import MaskConfig, get_preset, override
+from ijepa_viz.config import MaskConfig, get_preset
 from ijepa_viz.masks import MaskCollator
 from ijepa_viz.viz import plots
 
@@ -139,8 +139,8 @@ def test_mask_histograms_over_many_samples():
 
 # -- training curves ---------------------------------------------------------------------------------
 
-HISTORY = [{"step": s, "loss": 1.0 / s, "target_std": 0.5, **({"feature_std": 0.3, "rankme": 20.0} if s % 5 == 0 else {})}
-           for s in range(1, 21)]
+HISTORY = [{"step": s, "loss": 1.0 / s, "target_std": 0.5,
+            **({"feature_std": 0.3, "rankme": 20.0} if s % 5 == 0 else {})} for s in range(1, 21)]
 
 
 def test_plot_loss_and_in_place_update():

@@ -26,7 +26,8 @@ from ijepa_viz.masks import MaskCollator, Masks
 
 __all__ = [
     "TARGET_COLOURS", "CONTEXT_COLOUR", "HIDDEN_COLOUR", "PAPER_ABLATIONS", "PAPER_ABLATION_SOURCES",
-    "denormalize", "to_display", "mask_fractions", "mask_overlay", "composite_masks", "mask_size_samples", "schedule_curves",
+    "denormalize", "to_display", "mask_fractions", "mask_overlay", "composite_masks", "mask_size_samples",
+    "schedule_curves",
     "plot_image", "plot_masks", "plot_mask_histograms", "plot_loss", "plot_schedules", "plot_collapse",
     "plot_ablation_bars",
 ]

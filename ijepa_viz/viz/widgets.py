@@ -439,7 +439,8 @@ class TrainingDashboard(widgets.VBox):
         row = dict(row)
         if self._stop_requested:
             trainer.stop()
-        if self.monitor_every and (self._last_monitor is None or row["step"] - self._last_monitor >= self.monitor_every):
+        due = self._last_monitor is None or row["step"] - self._last_monitor >= (self.monitor_every or 0)
+        if self.monitor_every and due:
             row.update(self.monitor(trainer))
             self._last_monitor = row["step"]
         self.history.append(row)
@@ -509,9 +510,10 @@ def run_training(cfg: Config, live: bool = True, monitor_every: Optional[int] = 
 
     live=True shows a `TrainingDashboard` that updates while the cell runs (interrupt the kernel to stop early:
     the Trainer ends the step and writes its checkpoint); live=False draws nothing. `progress` shows the
-    Trainer's tqdm bar (default: only when not live; the dashboard has its own). A fresh run (resume=False) replaces the metrics.jsonl of an earlier run in the same
-    out_dir, so the plots show this run only. The result's `history` is the dashboard's: the metrics rows,
-    with 'feature_std' and 'rankme' added every `monitor_every` steps.
+    Trainer's tqdm bar (default: only when not live; the dashboard has its own). A fresh run (resume=False)
+    replaces the metrics.jsonl of an earlier run in the same out_dir, so the plots show this run only.
+    The result's `history` is the dashboard's: the metrics rows, with 'feature_std' and 'rankme' added every
+    `monitor_every` steps.
     """
     if not resume:
         metrics = Path(cfg.train.out_dir) / "metrics.jsonl"
