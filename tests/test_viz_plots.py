@@ -217,7 +217,8 @@ def test_ablation_bars_without_paper_numbers_and_bad_group():
     plots.plot_ablation_bars(ax, RESULTS, group="train.ema", metric="knn")
     assert len([p for p in ax.patches if isinstance(p, Rectangle)]) == 2
     assert [t.get_text() for t in ax.get_xticklabels()] == ["true", "false"]
-    plots.plot_ablation_bars(new_ax(), {"4": 50.0, "1": 12.0}, group="mask.num_targets")
+    ax = plots.plot_ablation_bars(new_ax(), {"4": 50.0, "1": 12.0}, group="mask.num_targets", baseline=0.3)
+    assert [line.get_ydata()[0] for line in ax.get_lines()] == [30.0]  # the untrained baseline, in %
     with pytest.raises(ValueError, match="no results"):
         plots.plot_ablation_bars(new_ax(), RESULTS, group="model.target")
 

@@ -394,14 +394,15 @@ def _setting_key(v) -> str:
 
 def plot_ablation_bars(ax: Axes, results, group: Optional[str] = None, metric: str = "linear",
                        paper: Optional[Mapping[str, Mapping[str, float]]] = PAPER_ABLATIONS,
-                       label: str = "ours") -> Axes:
+                       label: str = "ours", baseline: Optional[float] = None) -> Axes:
     """Bars of our measured accuracy for each setting of one ablation `group` (e.g. 'mask.strategy'), with
     the paper's number for the same setting beside it (hatched) where the paper reports one.
 
     `results`: the JSON of benchmarks/results/ablations.json ({"rows": [{"group", "setting", "linear", "knn",
     "seeds"}, ...]}), a list of such rows, or a plain {setting: accuracy} dict. Accuracies in [0, 1] are
     shown as percentages. Our numbers come from tiny CPU runs and the paper's from 1% ImageNet-1k: compare
-    the *ordering* of the settings, not the values.
+    the *ordering* of the settings, not the values. `baseline` (e.g. the same probe on the untrained network)
+    draws a dashed line: a setting at or below it learned nothing the probe can use.
     """
     rows = _rows(results)
     if group is not None:
@@ -423,9 +424,12 @@ def plot_ablation_bars(ax: Axes, results, group: Optional[str] = None, metric: s
         pbars = ax.bar(x + width / 2, vals, width, color="lightgrey", edgecolor="grey", hatch="//",
                        label=PAPER_ABLATION_SOURCES.get(group, "paper"))
         ax.bar_label(pbars, labels=["" if np.isnan(v) else f"{v:.1f}" for v in vals], fontsize="small")
+    if baseline is not None:
+        baseline = 100 * baseline if baseline <= 1.0 else baseline
+        ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label=f"untrained ({baseline:.1f})")
     ax.set_xticks(x, order)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(group or "ablation")
-    ax.set_ylim(0, max([*ours.values(), *ref.values(), 1.0]) * 1.2)
+    ax.set_ylim(0, max([*ours.values(), *ref.values(), baseline or 0.0, 1.0]) * 1.2)
     ax.legend(fontsize="small", loc="upper right")
     return ax
