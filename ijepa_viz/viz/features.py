@@ -306,7 +306,8 @@ def tsne_2d(feats, perplexity: float = 30.0, seed: int = 0, iterations: int = 30
     scikit-learn's Barnes-Hut t-SNE (angle 0.8) after a 50-component PCA, initialised with PCA (stable
     layouts from run to run) and the automatic learning rate. `iterations` counts all gradient steps, the
     first `exaggeration_iterations` of them with early exaggeration (scikit-learn's default: 1000 and 250;
-    these shorter defaults reach a similar layout in a third of the time, see benchmarks/embedding_speed.py).
+    these shorter defaults keep about the same trustworthiness in a quarter of the time, see
+    benchmarks/embedding_speed.py).
     `perplexity` is lowered to (N - 1) / 3 when N is too small for it.
     """
     X = _numpy(feats)
