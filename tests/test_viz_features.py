@@ -336,3 +336,19 @@ def test_similarity_search_app_gallery_query_and_upload(model, cfg, data):
     app.controls["upload"].value = ({"name": "junk.png", "type": "image/png", "size": 4,
                                      "content": memoryview(b"junk"), "last_modified": NOW},)
     assert "could not read 'junk.png'" in app.error.value
+
+
+def test_notebook_model_prefers_notebook_03_then_trains_and_reuses_a_fallback(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fw, "NOTEBOOK_CHECKPOINT", tmp_path / "notebook" / "checkpoint.pt")
+    monkeypatch.setattr(fw, "RUNS_DIR", tmp_path)
+    monkeypatch.setattr(fw, "notebook_config", lambda quick, out_dir, extra=(): tiny_config(out_dir, "train.steps=2"))
+    model, cfg = fw.notebook_model(quick=True)
+    assert "Training a fallback" in capsys.readouterr().out and not model.training
+    assert (tmp_path / "notebook-fallback-quick" / "checkpoint.pt").exists()
+    again, _ = fw.notebook_model(quick=True)
+    assert "reusing the fallback" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    (tmp_path / "notebook").mkdir()
+    (tmp_path / "notebook-fallback-quick" / "checkpoint.pt").rename(tmp_path / "notebook" / "checkpoint.pt")
+    fw.notebook_model(quick=True)
+    assert "Loaded notebook 03's model" in capsys.readouterr().out

@@ -301,6 +301,8 @@ def similarity_search_app(model: IJEPA, gallery: torch.Tensor, cfg: Config, labe
 
 # -- the notebooks' model ------------------------------------------------------------------------------
 
+FALLBACK_STEPS = 100  # a third of notebook 03's run: the stand-in should cost minutes, not notebook 03's time
+
 def untrained_model(cfg: Config, seed: Optional[int] = None) -> IJEPA:
     """A randomly initialised `IJEPA` of `cfg.model` (eval mode): the weights training started from when
     `seed` is the run's `train.seed` (the default)."""
@@ -314,8 +316,9 @@ def notebook_model(quick: bool = False, verbose: bool = True) -> tuple[IJEPA, Co
     """The model the feature notebooks explain: (model in eval mode, its Config).
 
     Notebook 03's checkpoint (`widgets.NOTEBOOK_CHECKPOINT`) when it exists. Otherwise a run of notebook 03's
-    configuration (`widgets.notebook_config(quick)`) is trained here without its dashboard, in its own folder
-    (`<runs>/notebook-fallback`, `-quick` in quick mode), and reused by the next notebook that asks.
+    configuration (`widgets.notebook_config(quick)`, shortened to `FALLBACK_STEPS` steps in normal mode) is
+    trained here without its dashboard, in its own folder (`<runs>/notebook-fallback`, `-quick` in quick
+    mode), and reused by the next notebook that asks.
     """
     from ijepa_viz.train import Trainer, load_model
 
@@ -326,7 +329,7 @@ def notebook_model(quick: bool = False, verbose: bool = True) -> tuple[IJEPA, Co
                   f"ViT {cfg.model.embed_dim} wide, {cfg.model.depth} blocks)")
         return model, cfg
     out = Path(RUNS_DIR) / ("notebook-fallback-quick" if quick else "notebook-fallback")
-    cfg = notebook_config(quick, out_dir=out)
+    cfg = notebook_config(quick, out_dir=out, extra=() if quick else [f"train.steps={FALLBACK_STEPS}"])
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         model, saved = load_model(ckpt)
@@ -337,8 +340,9 @@ def notebook_model(quick: bool = False, verbose: bool = True) -> tuple[IJEPA, Co
             return model, saved
     if verbose:
         print(f"No checkpoint from notebook 03 at {NOTEBOOK_CHECKPOINT}.\nTraining a fallback I-JEPA with "
-              f"notebook 03's settings ({cfg.data.name}, {cfg.train.steps} steps) in {out} - run notebook 03 "
-              f"to watch it train ...", flush=True)
+              f"notebook 03's settings but only {cfg.train.steps} steps ({cfg.data.name}, batch "
+              f"{cfg.data.batch_size}) in {out}; run notebook 03 for the full run and its live plots ...",
+              flush=True)
     result = Trainer(cfg, progress=False).fit()
     if verbose:
         print(f"done in {result.wall_time:.0f} s, final loss {result.history[-1]['loss']:.4f}")
