@@ -209,7 +209,7 @@ def test_ablation_bars_put_the_paper_beside_ours():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["multiblock", "random"]  # the paper's order
     assert [b.get_height() for b in ours] == pytest.approx([42.0, 31.0])  # fractions shown as %
     assert [b.get_height() for b in paper] == pytest.approx([54.2, 17.6])
-    assert "Table 6" in ax.get_legend().get_texts()[1].get_text()
+    assert "Table 6" in ax.get_xlabel() and "paper" in ax.get_legend().get_texts()[1].get_text()
 
 
 def test_ablation_bars_without_paper_numbers_and_bad_group():
@@ -227,4 +227,5 @@ def test_paper_numbers():
     assert plots.PAPER_ABLATIONS["mask.strategy"] == {"multiblock": 54.2, "block": 20.2, "random": 17.6,
                                                       "quadrant": 15.5}
     assert plots.PAPER_ABLATIONS["model.target"] == {"representation": 66.9, "pixels": 40.7}
-    assert plots.PAPER_ABLATIONS["mask.num_targets"] == {"1": 9.0, "4": 54.2}
+    assert plots.PAPER_ABLATIONS["mask.num_targets"] == {"4": 54.2, "1": 9.0}
+    assert list(plots.PAPER_ABLATIONS["mask.num_targets"]) == ["4", "1"]  # the paper's choice first
