@@ -126,7 +126,16 @@ def test_upload_switches_to_the_uploaded_image(explorer):
     assert explorer.masks.grid == (14, 14) and explorer.error.value == ""
     upload.value = ({"name": "junk.png", "type": "image/png", "size": 4, "content": memoryview(b"junk"),
                      "last_modified": NOW},)
-    assert "could not read" in explorer.error.value
+    assert "Could not read the upload" in explorer.error.value
+
+
+def test_missing_dataset_is_reported_in_the_box(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    ex = widgets.mask_explorer(dataset="cifar10")
+    ex.controls["source"].value = "cifar10 dataset"
+    assert "Could not load the image" in ex.error.value and ex.error.layout.display != "none"
+    ex.controls["source"].value = "bundled sample"
+    assert ex.error.value == "" and ex.masks is not None
 
 
 def test_explorer_starts_from_a_file(tmp_path):

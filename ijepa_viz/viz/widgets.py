@@ -196,7 +196,8 @@ class MaskExplorer(widgets.VBox):
         try:
             self._images["uploaded file"] = image_from_bytes(files[0]["content"], size=224)
         except Exception as e:  # not an image: say so in the box
-            self._show_error(f"could not read {files[0].get('name', 'the upload')!r} as an image: {e}")
+            self._show_error(f"{files[0].get('name', 'the upload')!r} is not an image PIL can read: {e}",
+                             title="Could not read the upload.")
             return
         src = self.controls["source"]
         if "uploaded file" not in src.options:
@@ -207,7 +208,10 @@ class MaskExplorer(widgets.VBox):
             src.value = "uploaded file"  # triggers _on_source
 
     def _on_source(self, change) -> None:
-        side = self.image.shape[-1]
+        try:
+            side = self.image.shape[-1]
+        except Exception:
+            return self.redraw()  # which shows why
         ps = self.controls["patch_size"]
         sizes = _patch_sizes(side)
         if list(ps.options) != sizes:
@@ -223,9 +227,9 @@ class MaskExplorer(widgets.VBox):
     _last_side = 112
     _muted = False
 
-    def _show_error(self, msg: str) -> None:
+    def _show_error(self, msg: str, title: str = "Impossible setting.") -> None:
         self.error.value = (f'<div style="color:#b00020;border:1px solid #b00020;padding:4px 8px;'
-                            f'white-space:pre-wrap"><b>Impossible setting.</b> {_html_escape(msg)}</div>')
+                            f'white-space:pre-wrap"><b>{title}</b> {_html_escape(msg)}</div>')
         self.error.layout.display = None
         self.fractions.value = "<i>no masks for this setting; change a control to continue</i>"
 
@@ -234,7 +238,12 @@ class MaskExplorer(widgets.VBox):
         """Sample masks for the current controls and redraw the figure and the fractions (or show the
         error of an impossible setting). Records its time in `redraw_times`."""
         t0 = time.perf_counter()
-        img = self.image
+        try:
+            img = self.image
+        except Exception as e:  # e.g. a dataset that is not on this machine
+            self._show_error(f"{type(e).__name__}: {e}", title="Could not load the image.")
+            self.redraw_times.append(time.perf_counter() - t0)
+            return
         self._last_side = img.shape[-1]
         grid = img.shape[-1] // self.controls["patch_size"].value
         try:
