@@ -168,6 +168,15 @@ def test_notebook_run_path_and_env_override(monkeypatch, tmp_path):
         importlib.reload(widgets)
 
 
+def test_notebook_config_with_fixed_steps_needs_no_timing(tmp_path, monkeypatch):
+    monkeypatch.setattr(widgets, "steps_for_budget", lambda *a, **k: pytest.fail("timed a run"))
+    a = widgets.notebook_config(quick=False, out_dir=tmp_path, extra=["train.steps=40"])
+    b = widgets.notebook_config(quick=False, out_dir=tmp_path, extra=["train.steps=40"])
+    assert a.to_dict() == b.to_dict() and a.train.steps == 40
+    per_epoch = widgets._train_size(a) // a.data.batch_size
+    assert round(a.optim.warmup_epochs * per_epoch) == 4  # a tenth of the steps
+
+
 def test_notebook_config_quick_is_tiny_shapes(tmp_path):
     cfg = widgets.notebook_config(quick=True, out_dir=tmp_path)
     assert cfg.data.name == "shapes" and cfg.train.steps <= 10 and cfg.model.depth <= 2

@@ -590,7 +590,8 @@ def notebook_config(quick: bool, out_dir: Path | str = NOTEBOOK_RUN, extra: Sequ
     """The training run of notebook 03: the cpu-tiny preset (ViT-Tiny/4 at 32 px) on a local CIFAR-10
     (`local_cifar10`) or on 'shapes', for as many steps as fit in `budget_s` seconds on this machine
     (`steps_for_budget`), with a warmup of a tenth of them. `quick` shrinks it to a 2-block model for 6 steps,
-    always on 'shapes'. `extra` overrides come last."""
+    always on 'shapes'. `extra` overrides come last; a 'train.steps=N' among them replaces the timing (the
+    config is then the same on every machine)."""
     from ijepa_viz.config import get_preset
 
     sets = ["mask.min_keep=4", f"train.out_dir={out_dir}"]
@@ -602,7 +603,8 @@ def notebook_config(quick: bool, out_dir: Path | str = NOTEBOOK_RUN, extra: Sequ
         sets += ["data.name=cifar10", f"data.root={cifar}", "data.download=false"]
     cfg = override(get_preset("cpu-tiny"), sets)
     if not quick:
-        steps = steps_for_budget(cfg, budget_s)
+        fixed = [e.split("=", 1)[1] for e in extra if e.replace(" ", "").startswith("train.steps=")]
+        steps = int(fixed[-1]) if fixed else steps_for_budget(cfg, budget_s)
         per_epoch = max(1, _train_size(cfg) // cfg.data.batch_size)
         cfg = override(cfg, [f"train.steps={steps}", f"optim.warmup_epochs={max(1, steps // 10) / per_epoch}"])
     return override(cfg, list(extra))
