@@ -27,10 +27,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from ijepa_viz.config import Config, override
 
 MODES = {
-    # name: (precision, compile)
-    "fp32-eager": ("fp32", False),
-    "optimised": ("auto", False),
-    "compiled": ("auto", True),
+    # name: (precision, attention, compile). "optimised" is what `train` uses by default.
+    "fp32-eager": ("fp32", "sdpa", False),
+    "optimised": ("auto", "auto", False),
+    "bf16-sdpa": ("bf16", "sdpa", False),
+    "bf16-math": ("bf16", "math", False),
+    "compiled": ("auto", "auto", True),
 }
 
 
@@ -64,9 +66,9 @@ def bench_step(cfg: Config, mode: str, steps: int = 20, warmup: int = 5, seed: i
     """Time the full training step of `cfg` in `mode` on a fixed batch of random images."""
     from ijepa_viz.train import Trainer
 
-    precision, compile_ = MODES[mode]
-    cfg = override(cfg, {"train.precision": precision, "train.compile": compile_, "train.seed": seed,
-                         "train.steps": steps + warmup + 1})
+    precision, attention, compile_ = MODES[mode]
+    cfg = override(cfg, {"train.precision": precision, "train.attention": attention, "train.compile": compile_,
+                         "train.seed": seed, "train.steps": steps + warmup + 1})
     B = cfg.data.batch_size
     images = torch.randn(B, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
     trainer = Trainer(cfg, loader=[(images, torch.zeros(B, dtype=torch.long))], progress=False)
@@ -90,7 +92,8 @@ def bench_step(cfg: Config, mode: str, steps: int = 20, warmup: int = 5, seed: i
     step_s = statistics.median(times)
     dtype = "bf16" if trainer.amp_dtype == torch.bfloat16 else "fp32"
     return {
-        "mode": mode, "dtype": dtype, "compile": compile_, "device": str(device), "batch_size": B,
+        "mode": mode, "dtype": dtype, "attention": trainer.attention, "compile": compile_, "device": str(device),
+        "batch_size": B,
         "step_ms": step_s * 1e3, "imgs_per_s": B / step_s, "flops_per_img": flops_per_img,
         "gflops_per_s": flops_per_img * B / step_s / 1e9,
         "step_ms_all": [t * 1e3 for t in times],
@@ -140,11 +143,11 @@ def format_bench(result: dict) -> str:
     p = result["matmul_peak_gflops"]
     lines = [f"matmul peak: fp32 {p['fp32']:.0f} GFLOP/s, bf16 {p['bf16']:.0f} GFLOP/s "
              f"(bf16/fp32 = {p['bf16'] / p['fp32']:.2f}x); {result['machine']['threads']} threads",
-             f"{'mode':12s} {'dtype':5s} {'imgs/s':>8s} {'ms/step':>8s} {'GFLOP/img':>9s} {'GFLOP/s':>8s} "
+             f"{'mode':12s} {'dtype':5s} {'attn':4s} {'imgs/s':>8s} {'ms/step':>8s} {'GFLOP/img':>9s} {'GFLOP/s':>8s} "
              f"{'MFU':>6s} {'vs fp32':>8s}"]
     for r in result["steps"]:
         ratio = f"{r['speedup_vs_fp32_eager']:.2f}x" if r.get("speedup_vs_fp32_eager") else "-"
-        lines.append(f"{r['mode']:12s} {r['dtype']:5s} {r['imgs_per_s']:8.1f} {r['step_ms']:8.1f} "
+        lines.append(f"{r['mode']:12s} {r['dtype']:5s} {r['attention']:4s} {r['imgs_per_s']:8.1f} {r['step_ms']:8.1f} "
                      f"{r['flops_per_img'] / 1e9:9.3f} {r['gflops_per_s']:8.1f} {r['mfu'] * 100:5.1f}% {ratio:>8s}")
     if result.get("data_imgs_per_s"):
         lines.append(f"data pipeline alone: {result['data_imgs_per_s']:.0f} imgs/s")
