@@ -344,7 +344,7 @@ def _preset(**sections: dict) -> Config:
 
 def _cpu_tiny() -> Config:
     # The defaults above ARE cpu-tiny: a 6-block ViT-Tiny/4 on 32 px with a 96-wide, 4-block predictor. The
-    # full 12-block ViT-Tiny ran at ~140 imgs/s here (2 cores, bf16), i.e. ~60 min for 10 CIFAR-10 epochs;
+    # full 12-block ViT-Tiny ran at 125 imgs/s here (2 cores, bf16), i.e. ~67 min for 10 CIFAR-10 epochs;
     # halving the depth halves the step (see README).
     return Config().validate()
 
