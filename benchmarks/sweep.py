@@ -1,6 +1,6 @@
 """Recipe sweep: many I-JEPA trainings of equal length run side by side, each probed the same way.
 
-    python benchmarks/sweep.py --grid recipe --workers 7 --budget 480      # on a GPU: ~60 s per cpu-tiny run
+    python benchmarks/sweep.py --grid recipe --cifar-gpu --workers 8 --budget 505   # one GPU, ~8.5 minutes
     python benchmarks/sweep.py --grid ablations --epochs 1 --workers 1     # on the CPU: slow, one at a time
     python benchmarks/sweep.py --job lr2e-3 optim.lr=2e-3 --job mse model.loss=mse
 
@@ -10,13 +10,14 @@ Each job is the preset plus its overrides, trained for --epochs epochs on the tr
 and scored on the whole test set, kNN (k=20), RankMe, and the linear probe of the context encoder too.
 
 The training split is decoded once, by this process, and handed to --workers worker processes; a small model
-leaves a GPU mostly idle, so several runs at once finish sooner than one after another. Each finished job is
+leaves a GPU mostly idle, so several runs at once finish sooner than one after another: on one H200, eight
+10-epoch cpu-tiny runs side by side took 195-230 s each, at 2,200-2,560 imgs/s per run. Each finished job is
 appended to --results (JSON lines) at once, so a sweep cut short keeps every job that ended. --budget bounds the
 whole sweep in seconds: no job starts once the time left is less than the slowest finished job took, and a
 running job stops at the deadline with complete=false in its row.
 
-The job 'cifar-gpu' (in --grid recipe, when a GPU is present) trains the cifar-gpu preset for as many epochs as
-its share of the budget allows, measured from its own first steps, with the warmup scaled alike.
+--cifar-gpu adds a job that trains the cifar-gpu preset for as many epochs as its share of the budget allows,
+measured from its own first steps, with the warmup scaled alike (meant for a GPU).
 """
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ import json
 import math
 import multiprocessing as mp
 import os
+import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # ablations.py beside this file
 EVAL_RESERVE_S = 45.0  # seconds kept after the training deadline for each job's probes
 
 # (name, overrides), most informative first. Every departure is one override on cpu-tiny (the paper's recipe).
@@ -72,18 +75,20 @@ COMBOS = [
                                          "optim.ema_start=0.99", "optim.ema_end=0.999"]),
 ]
 
-# The paper's ablations (benchmarks/ablations.py runs the same rows one after another on the CPU).
-ABLATIONS = [
-    ("base", []),
-    ("strategy=block", ["mask.strategy=block"]),
-    ("strategy=random", ["mask.strategy=random"]),
-    ("strategy=quadrant", ["mask.strategy=quadrant"]),
-    ("target=pixels", ["model.target=pixels"]),
-    ("ema=off", ["train.ema=false"]),
-    ("num_targets=1", ["mask.num_targets=1"]),
-]
 
-GRIDS = {"recipe": RECIPE, "combos": COMBOS, "ablations": ABLATIONS}
+
+def _ablation_jobs() -> list[tuple[str, list[str]]]:
+    """The rows of benchmarks/ablations.py (which runs them one after another) as named jobs, the paper's
+    setting once."""
+    from ablations import RUNS
+    jobs = {"base": []}
+    for group, setting, sets in RUNS:
+        if sets:
+            jobs[f"{group.split('.')[-1]}={setting}"] = list(sets)
+    return list(jobs.items())
+
+
+GRIDS = {"recipe": RECIPE, "combos": COMBOS, "ablations": _ablation_jobs()}
 
 
 class Deadline:
@@ -176,7 +181,7 @@ def run_job(job: dict, common: dict) -> dict:
     target = model.target_network if model.target_network is not None else model.encoder
     ftr, fte = feats(target, *tr), feats(target, *te)
     ctr, cte = feats(model.encoder, *tr), feats(model.encoder, *te)
-    row.update(linear=linear_probe(*ftr, *fte)["accuracy"], knn=knn_classifier(*ftr, *fte, num_classes=10),
+    row.update(linear=linear_probe(*ftr, *fte)["accuracy"], knn=knn_classifier(*ftr, *fte, num_classes=len(data["train"][2])),
                rankme=rankme(fte[0]), context_linear=linear_probe(*ctr, *cte)["accuracy"],
                n_probe_train=len(ftr[1]), seconds=time.time() - t0)
     return row
