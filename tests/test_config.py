@@ -29,6 +29,15 @@ def test_get_preset_returns_fresh_copies_and_rejects_unknown():
         get_preset("no-such-preset")
 
 
+def test_cpu_tiny_paper_is_cpu_tiny_with_the_papers_values():
+    """The tuned cpu-tiny differs from the paper's recipe in exactly three documented values."""
+    tuned, paper = get_preset("cpu-tiny").to_dict(), get_preset("cpu-tiny-paper").to_dict()
+    assert paper == Config().to_dict()
+    diff = {(s, k): (paper[s][k], tuned[s][k]) for s in paper for k in paper[s] if paper[s][k] != tuned[s][k]}
+    assert diff == {("optim", "lr"): (1e-3, 5e-4), ("mask", "target_scale"): ([0.15, 0.2], [0.1, 0.15]),
+                    ("data", "crop_scale"): ([0.3, 1.0], [0.5, 1.0])}
+
+
 def test_cpu_tiny_is_32px():
     cfg = get_preset("cpu-tiny")
     assert cfg.model.img_size == 32 and cfg.train.device in ("auto", "cpu")

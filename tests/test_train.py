@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ijepa_viz.checkpoint import load_training_checkpoint
-from ijepa_viz.config import get_preset
+from ijepa_viz.config import get_preset, override
 from ijepa_viz.train import (Trainer, TrainingDiverged, load_model, param_groups, resolve_device,
                              resolve_precision, schedule)
 from tiny import TINY, tiny_config
@@ -37,6 +37,18 @@ def test_short_run_lowers_loss_and_writes_checkpoint_and_metrics(tmp_path):
     assert loaded_cfg.to_dict() == cfg.to_dict()
     for a, b in zip(model.parameters(), result.model.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("preset", ["cifar-gpu", "imagenet-subset-gpu"])
+def test_gpu_presets_train_on_the_cpu_when_shrunk(tmp_path, preset):
+    """The GPU presets keep their widths, patch grid and masks; only depth, batch and data shrink to run here."""
+    cfg = override(get_preset(preset), [
+        "model.depth=1", "model.pred_depth=1", "data.name=shapes", "data.batch_size=4", "data.in_memory=true",
+        "data.num_workers=0", "data.shapes_train_size=8", "data.shapes_test_size=4", "train.steps=2",
+        "train.device=cpu", "train.precision=fp32", f"train.out_dir={tmp_path}"])
+    result = Trainer(cfg, progress=False).fit()
+    assert result.step == 2 and all(math.isfinite(h["loss"]) for h in result.history)
+    assert result.model.encoder.patch_embed.proj.weight.shape[0] == get_preset(preset).model.embed_dim
 
 
 class StopAt:
