@@ -36,7 +36,7 @@ quality: $(STAMP)
 	$(PY) benchmarks/quality.py
 
 ablations: $(STAMP)
-	$(PY) benchmarks/ablations.py
+	$(PY) benchmarks/ablations.py --epochs 1 --set optim.warmup_epochs=0.1
 
 clean:
 	rm -rf runs/demo .pytest_cache

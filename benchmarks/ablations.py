@@ -1,6 +1,6 @@
 """The paper's ablations at small scale: short runs of equal budget on real CIFAR-10.
 
-    python benchmarks/ablations.py                    # cpu-tiny, 1 epoch per run, 1 seed
+    python benchmarks/ablations.py --epochs 1 --set optim.warmup_epochs=0.1   # the README's table (~35 CPU min)
     python benchmarks/ablations.py --epochs 2 --seeds 0 1
 
 Each row changes one thing from the preset (paper Tables 6-7 and Sec. 7):
