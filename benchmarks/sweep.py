@@ -133,7 +133,8 @@ def run_job(job: dict, common: dict) -> dict:
     data = torch.load(common["data_file"], weights_only=True)
     stats = dataset_stats("imagefolder")
     out_dir = Path(common["out"]) / job["name"]
-    base = [f"data.root={common['data_root']}", "data.name=imagefolder", "train.steps=none", f"train.out_dir={out_dir}", "train.checkpoint_every=100000", "train.log_every=20",
+    base = [f"data.root={common['data_root']}", "data.name=imagefolder", "train.steps=none",
+            f"train.out_dir={out_dir}", "train.checkpoint_every=100000", "train.log_every=20",
             f"train.device={common['device']}"]
     if not job.get("fit_budget"):  # a fitted job keeps its preset's epochs as the cap and the warmup's scale
         base.append(f"train.epochs={common['epochs']}")
@@ -181,7 +182,8 @@ def run_job(job: dict, common: dict) -> dict:
     target = model.target_network if model.target_network is not None else model.encoder
     ftr, fte = feats(target, *tr), feats(target, *te)
     ctr, cte = feats(model.encoder, *tr), feats(model.encoder, *te)
-    row.update(linear=linear_probe(*ftr, *fte)["accuracy"], knn=knn_classifier(*ftr, *fte, num_classes=len(data["train"][2])),
+    row.update(linear=linear_probe(*ftr, *fte)["accuracy"],
+               knn=knn_classifier(*ftr, *fte, num_classes=len(data["train"][2])),
                rankme=rankme(fte[0]), context_linear=linear_probe(*ctr, *cte)["accuracy"],
                n_probe_train=len(ftr[1]), seconds=time.time() - t0)
     return row
@@ -217,8 +219,7 @@ def main(argv=None) -> list[dict]:
     deadline = start + args.budget
     jobs = []
     if args.cifar_gpu:
-        jobs.append({"name": "cifar-gpu", "preset": "cifar-gpu", "overrides": [], "fit_budget": True,
-                     "epochs": None})
+        jobs.append({"name": "cifar-gpu", "preset": "cifar-gpu", "overrides": [], "fit_budget": True})
     seen = set()
     for grid in args.grid:
         for name, sets in GRIDS[grid]:
