@@ -40,6 +40,11 @@ class ModelConfig:
     pred_mlp_ratio: Optional[float] = None  # predictor MLP ratio; None = mlp_ratio (official ViT-g: 4 vs 48/11)
     target: str = "representation"  # what to predict: 'representation' (I-JEPA) or 'pixels' (ablation)
     loss: str = "smooth_l1"  # 'smooth_l1' (official code) or 'mse' (the paper's L2)
+    var_weight: float = 0.0  # VICReg variance hinge added to the loss (C-JEPA, VICReg: 25); 0: off (paper)
+    cov_weight: float = 0.0  # VICReg off-diagonal covariance penalty added to the loss (VICReg: 1); 0: off (paper)
+    sigreg_weight: float = 0.0  # LeJEPA's SIGReg (Epps-Pulley on random 1-D projections) in the loss; 0: off (paper)
+    sigreg_projections: int = 256  # random directions SIGReg draws each step (LeJEPA: 256)
+    reg_features: str = "context"  # what the three terms see: 'context' (per-image mean of s_x) or 'predictor'
 
 
 @dataclass
@@ -83,6 +88,8 @@ class OptimConfig:
     ema_end: float = 1.0  # EMA momentum at the last step (official: 1.0)
     betas: Tuple[float, float] = (0.9, 0.999)  # AdamW betas (torch defaults, as the official code)
     clip_grad: Optional[float] = None  # max gradient norm; None disables clipping (official: none)
+    ema_warmup_epochs: float = 0.0  # ramp the EMA momentum up from ema_warmup_start over these epochs; 0: off (paper)
+    ema_warmup_start: float = 0.9  # EMA momentum at step 0 when ema_warmup_epochs > 0 (a faster-moving target)
 
 
 @dataclass
@@ -270,6 +277,18 @@ def _validate(cfg: Config) -> None:
            f"model.target={m.target!r} must be 'representation' or 'pixels'")
     _check(m.loss in ("smooth_l1", "mse"), f"model.loss={m.loss!r} must be 'smooth_l1' or 'mse'")
     _check(0 <= m.drop_path_rate < 1, f"model.drop_path_rate={m.drop_path_rate} must lie in [0, 1)")
+    for key in ("var_weight", "cov_weight", "sigreg_weight"):
+        _check(0 <= getattr(m, key) < float("inf"),
+               f"model.{key}={getattr(m, key)} must be a finite number >= 0 (0 turns this regulariser off)")
+    _check(m.sigreg_projections >= 1,
+           f"model.sigreg_projections={m.sigreg_projections} must be at least 1 (LeJEPA draws 256 directions)")
+    _check(m.reg_features in ("context", "predictor"),
+           f"model.reg_features={m.reg_features!r} must be 'context' (per-image mean of the context encoder's "
+           f"tokens) or 'predictor' (every predicted target token)")
+    _check(not (m.reg_features == "predictor" and m.target == "pixels"
+                and (m.var_weight or m.cov_weight or m.sigreg_weight)),
+           "model.reg_features='predictor' would regularise pixel predictions when model.target='pixels'; "
+           "set model.reg_features=context (or turn the regularisers off)")
 
     _check(k.strategy in ("multiblock", "random", "block", "quadrant"),
            f"mask.strategy={k.strategy!r} must be one of multiblock, random, block, quadrant")
@@ -296,6 +315,11 @@ def _validate(cfg: Config) -> None:
            f"optim.ema_start={o.ema_start} and optim.ema_end={o.ema_end} must lie in [0, 1]")
     _check(all(0 <= b < 1 for b in o.betas), f"optim.betas={list(o.betas)} must lie in [0, 1)")
     _check(o.clip_grad is None or o.clip_grad > 0, f"optim.clip_grad={o.clip_grad} must be positive or none")
+    _check(0 <= o.ema_warmup_epochs < float("inf"),
+           f"optim.ema_warmup_epochs={o.ema_warmup_epochs} must be a finite number of epochs >= 0 (0: no EMA warmup)")
+    _check(o.ema_warmup_epochs == 0 or 0 <= o.ema_warmup_start <= o.ema_start,
+           f"optim.ema_warmup_start={o.ema_warmup_start} must lie in [0, optim.ema_start={o.ema_start}] so that the "
+           f"momentum ramps up; lower it (e.g. 0.9) or set optim.ema_warmup_epochs=0")
 
     _check(t.epochs >= 1, f"train.epochs={t.epochs} must be at least 1")
     _check(t.steps is None or t.steps >= 1, f"train.steps={t.steps} must be at least 1 (or none)")

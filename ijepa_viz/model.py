@@ -12,6 +12,9 @@ Notation of the paper (Assran et al., 2023, Sec. 3), with the code that computes
 * **loss** (Eq. 1):  1/M sum_i sum_{j in B_i} || s_hat_y_j - s_y_j ||_2^2            -> `IJEPA.loss`
   (the official code uses smooth-L1 averaged over elements; the paper's L2 is `loss='mse'`)
 * **EMA**: theta_bar <- m * theta_bar + (1 - m) * theta after every optimiser step   -> `IJEPA.update_target`
+* **optional regularisers** (not in the paper, off by default):  loss = pred + var_weight * v(Z)
+  + cov_weight * c(Z) + sigreg_weight * SIGReg(Z)  (VICReg / C-JEPA and LeJEPA)    -> `IJEPA.regularisers`,
+  with the equations in `vicreg_variance`, `vicreg_covariance`, `epps_pulley` and `sigreg`
 
 Parameter names match the official checkpoints (facebookresearch/ijepa, src/models/vision_transformer.py), so a
 released state dict loads with `strict=True` once the `module.` prefix is stripped: the encoders use timm's
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
 
@@ -186,6 +189,101 @@ class Predictor(nn.Module):
         return x.view(B, M, K, -1)
 
 
+# -- optional anti-collapse regularisers (not in I-JEPA; every weight defaults to 0) --------------
+# Each takes features Z of shape (N, D): N samples (images or tokens, see `IJEPA.regularised_features`), D dims.
+# They run in float32 with autocast off: a covariance or a characteristic function in bf16 is mostly rounding.
+
+VICREG_GAMMA = 1.0  # target std of every dimension (VICReg's gamma)
+VICREG_EPS = 1e-4  # inside the square root, so that the std has a gradient at 0 (VICReg's epsilon)
+SIGREG_T_MAX = 3.0  # Epps-Pulley integrates over t in [-t_max, t_max] (LeJEPA: 3) ...
+SIGREG_KNOTS = 17  # ... with the trapezoid rule on this many knots of [0, t_max] (LeJEPA: 17)
+
+
+def _float32(z: torch.Tensor):
+    """(z as float32, a context that turns autocast off on z's device)."""
+    return z.float(), torch.autocast(device_type=z.device.type, enabled=False)
+
+
+def vicreg_variance(z: torch.Tensor, gamma: float = VICREG_GAMMA, eps: float = VICREG_EPS) -> torch.Tensor:
+    """VICReg's variance hinge (Bardes et al., 2022, arXiv 2105.04906, Eq. 1), used by C-JEPA (arXiv 2410.19560):
+
+        v(Z) = 1/D * sum_j max(0, gamma - sqrt(Var(z^j) + eps)),   gamma = 1, eps = 1e-4,
+
+    where z^j is dimension j over the N samples and Var is the unbiased (N - 1) variance. 0 when every dimension
+    has a std of at least gamma; gamma (about 1) when the samples collapse onto one point. z (N, D) -> scalar.
+    """
+    if z.shape[0] < 2:
+        raise ValueError(f"the variance term needs at least 2 samples, got {z.shape[0]}; use a larger batch")
+    z, no_autocast = _float32(z)
+    with no_autocast:
+        std = torch.sqrt(z.var(dim=0) + eps)  # (D,)
+        return F.relu(gamma - std).mean()
+
+
+def vicreg_covariance(z: torch.Tensor) -> torch.Tensor:
+    """VICReg's covariance penalty (Bardes et al., 2022, arXiv 2105.04906, Eq. 3-4), used by C-JEPA:
+
+        C(Z) = (Z - mean(Z))^T (Z - mean(Z)) / (N - 1),     c(Z) = 1/D * sum_{i != j} C(Z)_ij^2.
+
+    0 when the dimensions are decorrelated; it does not constrain the variances on the diagonal (that is the
+    variance term's job). z (N, D) -> scalar.
+    """
+    if z.shape[0] < 2:
+        raise ValueError(f"the covariance term needs at least 2 samples, got {z.shape[0]}; use a larger batch")
+    z, no_autocast = _float32(z)
+    with no_autocast:
+        N, D = z.shape
+        zc = z - z.mean(dim=0)
+        cov = zc.T @ zc / (N - 1)  # (D, D)
+        off = cov - torch.diag_embed(cov.diagonal())
+        return off.square().sum() / D
+
+
+def epps_pulley(x: torch.Tensor, t_max: float = SIGREG_T_MAX, knots: int = SIGREG_KNOTS) -> torch.Tensor:
+    """Epps-Pulley statistic of each column of x (N, K) against a standard normal, as LeJEPA uses it:
+
+        EP(x) = N * integral_{-t_max}^{t_max} |phi_N(t) - exp(-t^2/2)|^2 * exp(-t^2/2) dt,
+        phi_N(t) = 1/N sum_n exp(i t x_n)   (the empirical characteristic function),
+        |phi_N(t) - exp(-t^2/2)|^2 = (1/N sum_n cos(t x_n) - exp(-t^2/2))^2 + (1/N sum_n sin(t x_n))^2.
+
+    The integrand is even in t, so it is integrated over [0, t_max] with the trapezoid rule on `knots` points and
+    doubled. For N standard-normal samples the expected value is about 1.06 whatever N (integral of
+    (1 - exp(-t^2)) exp(-t^2/2)); for N equal samples it is about 0.41 * N. -> (K,)
+    """
+    x, no_autocast = _float32(x)
+    with no_autocast:
+        N = x.shape[0]
+        t = torch.linspace(0.0, t_max, knots, device=x.device)  # (T,)
+        gauss = torch.exp(-0.5 * t.square())  # the N(0, 1) characteristic function, also the weight w(t)
+        trap = torch.full_like(t, t_max / (knots - 1))
+        trap[0] = trap[-1] = 0.5 * t_max / (knots - 1)  # trapezoid weights on [0, t_max]
+        weight = 2.0 * trap * gauss  # x2: the half line [-t_max, 0] by symmetry
+        xt = x.unsqueeze(-1) * t  # (N, K, T)
+        re = torch.cos(xt).mean(dim=0) - gauss  # (K, T)
+        im = torch.sin(xt).mean(dim=0)
+        return N * (re.square() + im.square()) @ weight  # (K,)
+
+
+def sigreg(z: torch.Tensor, num_projections: int = 256, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """LeJEPA's Sketched Isotropic Gaussian Regularisation (Balestriero & LeCun, 2025, arXiv 2511.08544):
+
+        SIGReg(Z) = 1/K * sum_k EP(Z a_k),   a_k = g_k / ||g_k||,  g_k ~ N(0, I_D),  k = 1..K,
+
+    the mean Epps-Pulley statistic (`epps_pulley`) of the N samples projected on K random unit directions. By
+    Cramer-Wold, every 1-D projection of Z is N(0, 1) exactly when Z is an isotropic Gaussian N(0, I), so this
+    pulls the features towards one; it is small (about 1.06) for such features and grows like N for collapsed
+    ones. The directions are drawn afresh at every call, on the CPU, from `generator` or else torch's global
+    generator (which checkpoints save, so a resumed run draws the same ones). z (N, D) -> scalar.
+    """
+    if z.shape[0] < 2:
+        raise ValueError(f"SIGReg needs at least 2 samples, got {z.shape[0]}; use a larger batch")
+    g = torch.randn(z.shape[-1], num_projections, generator=generator)  # (D, K) on the CPU
+    a = (g / g.norm(dim=0, keepdim=True)).to(z.device)
+    z, no_autocast = _float32(z)
+    with no_autocast:
+        return epps_pulley(z @ a).mean()
+
+
 # -- I-JEPA -------------------------------------------------------------------------------------
 
 @dataclass
@@ -197,6 +295,8 @@ class IJEPAOutput:
     target:  (B, M, K, D) target features s_y(i), no grad
     context: (B, Nc, D) context-encoder features s_x
     masks:   the `Masks` used
+    loss_terms: the unweighted parts of `loss`, for logging: always 'pred' (the prediction loss), plus 'var',
+             'cov' and 'sigreg' for each regulariser whose weight is > 0 (loss = pred + sum of weight * term)
     """
 
     loss: torch.Tensor
@@ -204,6 +304,7 @@ class IJEPAOutput:
     target: torch.Tensor
     context: torch.Tensor
     masks: Masks
+    loss_terms: dict = field(default_factory=dict)
 
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
@@ -277,12 +378,52 @@ class IJEPA(nn.Module):
         fn = F.smooth_l1_loss if self.cfg.loss == "smooth_l1" else F.mse_loss
         return fn(pred.float(), target.float())
 
+    def regularised_features(self, z: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The samples (N, D) that the optional regularisers see, chosen by `cfg.reg_features`:
+
+        * 'context': the per-image mean of the context encoder's tokens, (B, Nc, D) -> (B, D). One sample per
+          image, as VICReg and LeJEPA regularise one embedding per image and view, and as C-JEPA regularises
+          "the mean of patch representations"; gradients reach the context encoder only.
+        * 'predictor': every predicted target token, (B, M, K, D) -> (B*M*K, D); gradients reach the predictor
+          and, through it, the context encoder.
+        """
+        if self.cfg.reg_features == "predictor":
+            return pred.reshape(-1, pred.shape[-1])
+        return z.float().mean(dim=1)
+
+    def regularisers(self, z: torch.Tensor, pred: torch.Tensor) -> dict:
+        """The unweighted optional terms whose weight in `cfg` is > 0: {'var': v(Z), 'cov': c(Z),
+        'sigreg': SIGReg(Z)} on Z = `regularised_features(z, pred)` (equations in `vicreg_variance`,
+        `vicreg_covariance`, `sigreg`). Empty with the defaults, so the paper's loss is untouched.
+
+        C-JEPA (arXiv 2410.19560) also adds VICReg's invariance term between two augmented views of an image;
+        this pipeline encodes one view per image, so only the variance and covariance terms are offered.
+        Under DDP each process regularises its own share of the batch.
+        """
+        c, terms = self.cfg, {}
+        if not (c.var_weight > 0 or c.cov_weight > 0 or c.sigreg_weight > 0):
+            return terms
+        feats = self.regularised_features(z, pred)
+        if c.var_weight > 0:
+            terms["var"] = vicreg_variance(feats)
+        if c.cov_weight > 0:
+            terms["cov"] = vicreg_covariance(feats)
+        if c.sigreg_weight > 0:
+            terms["sigreg"] = sigreg(feats, c.sigreg_projections)
+        return terms
+
     def forward(self, images: torch.Tensor, masks: Masks) -> IJEPAOutput:
-        """One I-JEPA step's forward: targets, context, predictions and loss."""
+        """One I-JEPA step's forward: targets, context, predictions and loss (plus any optional regulariser:
+        loss = pred + var_weight * v(Z) + cov_weight * c(Z) + sigreg_weight * SIGReg(Z), see `regularisers`)."""
         target = self.forward_target(images, masks.targets)  # (B, M, K, D)
         z = self.forward_context(images, masks.context)  # (B, Nc, D)
         pred = self.predict(z, masks.context, masks.targets)  # (B, M, K, D)
-        return IJEPAOutput(self.loss(pred, target), pred, target, z, masks)
+        loss = self.loss(pred, target)
+        terms = {"pred": loss}
+        for name, value in self.regularisers(z, pred).items():
+            loss = loss + getattr(self.cfg, f"{name}_weight") * value
+            terms[name] = value
+        return IJEPAOutput(loss, pred, target, z, masks, terms)
 
     # -- EMA ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -291,6 +432,9 @@ class IJEPA(nn.Module):
 
         Written here rather than with timm's ModelEma because I-JEPA's momentum follows its own per-step
         schedule and the target must stay a plain module named `target_encoder`, as in the checkpoints.
+        That schedule (`train.schedule`) is m(s) = ema_start + (ema_end - ema_start) * min(s / total, 1); with the
+        optional EMA warmup (optim.ema_warmup_epochs > 0, W steps) it is instead
+        m(s) = ema_warmup_start + (m(W) - ema_warmup_start) * s / W for s < W: a faster-moving target early on.
         """
         if self.target_encoder is None:
             return

@@ -124,12 +124,21 @@ def init_distributed(device_name: str) -> DistInfo:
 
 # -- schedules -----------------------------------------------------------------------------------
 
-def schedule(step: int, total: int, warmup: int, o) -> tuple[float, float, float]:
+def schedule(step: int, total: int, warmup: int, o, steps_per_epoch: Optional[int] = None
+             ) -> tuple[float, float, float]:
     """(lr, weight decay, EMA momentum) at `step` of `total`, as the official per-iteration schedules:
 
     * lr: linear from start_lr to lr over `warmup` steps, then a cosine from lr down to final_lr;
     * weight decay: a cosine from weight_decay to final_weight_decay over the whole run;
-    * momentum: linear from ema_start to ema_end over the whole run.
+    * momentum: linear from ema_start to ema_end over the whole run,
+      m(s) = ema_start + (ema_end - ema_start) * min(s / total, 1).
+
+    Optional EMA warmup (not in the paper; off when optim.ema_warmup_epochs = 0): over the first
+    W = round(ema_warmup_epochs * steps_per_epoch) steps the momentum instead rises linearly from
+    ema_warmup_start to the official value at W,
+      m(s) = ema_warmup_start + (m(W) - ema_warmup_start) * s / W   for s < W,
+    then follows the official line. A lower momentum early lets the target encoder keep up with a context
+    encoder that is still changing fast, and the curve is continuous at W. It needs `steps_per_epoch`.
 
     Pure functions of the step (no scheduler state), which keeps resume exact. timm's CosineLRScheduler covers
     the lr alone; the weight-decay and momentum schedules have no library equivalent.
@@ -142,6 +151,15 @@ def schedule(step: int, total: int, warmup: int, o) -> tuple[float, float, float
     q = min(step / max(1, total), 1.0)
     wd = o.final_weight_decay + (o.weight_decay - o.final_weight_decay) * 0.5 * (1 + math.cos(math.pi * q))
     momentum = o.ema_start + (o.ema_end - o.ema_start) * q
+    ema_warmup_epochs = getattr(o, "ema_warmup_epochs", 0.0)
+    if ema_warmup_epochs > 0:
+        if steps_per_epoch is None:
+            raise ValueError("optim.ema_warmup_epochs > 0 needs the steps per epoch: call "
+                             "schedule(..., steps_per_epoch=N)")
+        w = int(round(ema_warmup_epochs * steps_per_epoch))
+        if step < w:
+            m_w = o.ema_start + (o.ema_end - o.ema_start) * min(w / max(1, total), 1.0)
+            momentum = o.ema_warmup_start + (m_w - o.ema_warmup_start) * step / w
     return lr, wd, momentum
 
 
@@ -342,7 +360,8 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor) -> dict:
         """One optimiser step on a batch of images (B, C, H, W); returns the step's metrics."""
-        lr, wd, momentum = schedule(self.step, self.total_steps, self.warmup_steps, self.cfg.optim)
+        lr, wd, momentum = schedule(self.step, self.total_steps, self.warmup_steps, self.cfg.optim,
+                                    steps_per_epoch=self.steps_per_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             if group.get("apply_wd"):
