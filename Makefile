@@ -2,7 +2,10 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-export MPLBACKEND := Agg
+# JupyterLab on notebooks/. Jupyter refuses to start as root (as in most containers) without --allow-root.
+# On a machine without a browser it prints the URL to open. tests/test_browser.py runs `make lab` itself and
+# passes its port, token and settings through the environment and a Jupyter config dir, not on this line.
+LAB    = $(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 .PHONY: install demo test test-fast lab bench quality ablations clean
 
@@ -26,8 +29,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m "not slow and not browser" tests
 
+# Agg for the test processes only: a kernel inherits its server's environment, and with MPLBACKEND=Agg every
+# plt.show() in JupyterLab draws nothing. The browser test removes it again before it runs `make lab`.
+test test-fast: export MPLBACKEND := Agg
+
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(LAB)
 
 bench: $(STAMP)
 	$(VENV)/bin/ijepa-viz bench --json benchmarks/results/bench_cpu-tiny.json
