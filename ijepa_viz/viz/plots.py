@@ -319,7 +319,8 @@ def schedule_curves(cfg, total_steps: int, steps_per_epoch: int) -> dict[str, np
 
     warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     steps = np.arange(total_steps + 1)
-    vals = np.array([schedule(int(s), total_steps, warmup, cfg.optim) for s in steps])
+    vals = np.array([schedule(int(s), total_steps, warmup, cfg.optim, steps_per_epoch=steps_per_epoch)
+                     for s in steps])
     return {"step": steps, "lr": vals[:, 0], "wd": vals[:, 1], "momentum": vals[:, 2]}
 
 
