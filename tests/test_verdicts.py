@@ -1,0 +1,55 @@
+"""Sentences computed from results flip with the results (ijepa_viz/viz/verdicts.py)."""
+import math
+
+import pytest
+
+from ijepa_viz.viz import verdicts as V
+
+
+def _result(ijepa, untrained, pixels, n_test=2000):
+    return {"n_test": n_test, "rows": [{"name": "ijepa (target encoder)", "linear": ijepa},
+                                       {"name": "random init", "linear": untrained},
+                                       {"name": "raw pixels", "linear": pixels}]}
+
+
+def test_probe_noise_is_two_standard_errors_of_the_difference():
+    assert V.probe_noise(0.5, 0.5, 2000) == pytest.approx(200 * math.sqrt(0.25 / 2000 * 2))
+    assert V.probe_noise(0.5, 0.5, 2000, seed_spread=1.5) == pytest.approx(V.probe_noise(0.5, 0.5, 2000) + 1.5)
+    with pytest.raises(ValueError, match="n_test"):
+        V.probe_noise(0.5, 0.5, 0)
+
+
+def test_probe_verdict_says_beats_only_beyond_the_noise():
+    good = V.probe_verdict(_result(0.67, 0.36, 0.27))
+    assert "beats the untrained encoder by 31.0 points" in good and "beats raw pixels by 40.0 points" in good
+    assert "NOT" not in good
+    flat = V.probe_verdict(_result(0.138, 0.136, 0.115))
+    assert "does NOT beat the untrained encoder by more than the probe's noise" in flat
+    assert "has not learned yet" in flat
+    worse = V.probe_verdict(_result(0.30, 0.40, 0.10))
+    assert "does NOT beat the untrained encoder: it is 10.0 points worse" in worse
+
+
+def test_probe_margins_without_a_baseline():
+    res = {"n_test": 100, "rows": [{"name": "ijepa (target encoder)", "linear": 0.5}]}
+    m = V.probe_margins(res)
+    assert m["untrained"] is None and m["vs_pixels"] is None
+    assert "no baseline" in V.probe_verdict(res)
+    with pytest.raises(ValueError, match="knn"):
+        V.probe_margins(res, probe="knn")
+
+
+def test_prediction_verdict_flips_with_the_baseline():
+    good = V.prediction_verdict({"cosine": 0.93, "baseline_cosine": 0.86, "l2": 0.4, "baseline_l2": 0.6})
+    bad = V.prediction_verdict({"cosine": 0.80, "baseline_cosine": 0.86, "l2": 0.7, "baseline_l2": 0.6})
+    assert good.startswith("The predictor beats") and "does NOT" in bad
+
+
+def test_collapse_verdict_three_ways():
+    assert V.collapse_verdict(1.2, 192).startswith("Collapsed")
+    assert V.collapse_verdict(4.0, 192).startswith("Low rank")
+    assert V.collapse_verdict(40.0, 192).startswith("Healthy")
+
+
+def test_spread():
+    assert V.spread([36.0, 37.5]) == pytest.approx(1.5) and V.spread([3.0]) == 0.0
