@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ijepa_viz.config import Config
 from ijepa_viz.data import augment_batch, build_loader, dataset_stats, load_uint8
 from ijepa_viz.masks import MaskCollator, Masks
-from ijepa_viz.model import IJEPA
+from ijepa_viz.model import IJEPA, feature_std, rankme  # noqa: F401  (public here too; defined in model.py)
 from ijepa_viz.train import load_model, resolve_device, resolve_precision
 
 __all__ = [
@@ -326,25 +326,6 @@ def knn_classifier(train_x, train_y, test_x, test_y, *, k: int = 20, temperature
 # =============================================================================================
 # 3. Collapse metrics
 # =============================================================================================
-
-def feature_std(x: torch.Tensor) -> float:
-    """Mean over dimensions of the per-dimension std of the L2-normalised features x (N, D) (or (..., D)).
-
-    0 when every feature vector points the same way (collapse); about 1/sqrt(D) when they spread evenly over
-    the sphere (SimSiam's collapse monitor, Chen & He, 2021).
-    """
-    x = F.normalize(_as_tensor(x).float().reshape(-1, x.shape[-1]), dim=1)  # (N, D)
-    return float(x.std(dim=0, correction=0).mean())
-
-
-def rankme(x: torch.Tensor, eps: float = 1e-7) -> float:
-    """Effective rank of features x (N, D) (RankMe, Garrido et al., 2023): exp(-sum_k p_k log p_k) with
-    p_k = s_k / sum(s) + eps over the singular values s_k. Between 1 (collapse to a line) and min(N, D)."""
-    x = _as_tensor(x).float().reshape(-1, x.shape[-1])  # (N, D)
-    s = torch.linalg.svdvals(x)  # (min(N, D),)
-    p = s / s.sum() + eps
-    return float(torch.exp(-(p * p.log()).sum()))
-
 
 def collapse_metrics(pooled: torch.Tensor, patches: Optional[torch.Tensor] = None) -> dict:
     """Collapse metrics of pooled features (N, D) and, when given, of patch features (N, P, D) (all N*P patch

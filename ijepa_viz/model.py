@@ -458,3 +458,28 @@ def set_attention(model: nn.Module, impl: str) -> nn.Module:
 def build_model(cfg: ModelConfig, ema: bool = True) -> IJEPA:
     """An `IJEPA` built from a `ModelConfig`."""
     return IJEPA(cfg, ema=ema)
+
+
+# -- collapse metrics -------------------------------------------------------------------------------
+# Here rather than in evaluate.py so that the Trainer can watch for collapse without importing the evaluation
+# layer (evaluate imports train); `ijepa_viz.evaluate` re-exports both.
+
+def feature_std(x) -> float:
+    """Mean over dimensions of the per-dimension std of the L2-normalised features x (N, D) (or (..., D)).
+
+    0 when every feature vector points the same way (collapse); about 1/sqrt(D) when they spread evenly over
+    the sphere (SimSiam's collapse monitor, Chen & He, 2021).
+    """
+    x = torch.as_tensor(x)
+    x = F.normalize(x.float().reshape(-1, x.shape[-1]), dim=1)  # (N, D)
+    return float(x.std(dim=0, correction=0).mean())
+
+
+def rankme(x, eps: float = 1e-7) -> float:
+    """Effective rank of features x (N, D) (RankMe, Garrido et al., 2023): exp(-sum_k p_k log p_k) with
+    p_k = s_k / sum(s) + eps over the singular values s_k. Between 1 (collapse to a line) and min(N, D)."""
+    x = torch.as_tensor(x)
+    x = x.float().reshape(-1, x.shape[-1])  # (N, D)
+    s = torch.linalg.svdvals(x)  # (min(N, D),)
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))

@@ -15,7 +15,14 @@ Use it from Python or a notebook:
 
 Everything a step draws at random is derived from the seed and the step (masks), or the seed and the epoch (data
 order and augmentation), and the checkpoint holds the RNG state for the rest (stochastic depth), so a resumed run
-reproduces the losses of an uninterrupted one exactly on CPU.
+reproduces the losses of an uninterrupted one exactly on CPU. Checkpoints are written every
+`train.checkpoint_every` steps and also every `train.checkpoint_minutes` of wall time, so a slow run killed early
+keeps its progress.
+
+No silent collapse: every `train.collapse_every` steps the trainer encodes a fixed batch (the first training
+batch) with the target encoder and logs the RankMe and std of its average-pooled features ('probe_rankme',
+'probe_std' in metrics.jsonl and the progress bar). When they say collapse it warns once (`CollapseWarning`), and
+with `train.stop_on_collapse` it stops with a checkpoint (`TrainResult.stop_reason`).
 """
 from __future__ import annotations
 
@@ -37,7 +44,17 @@ from tqdm.auto import tqdm
 from ijepa_viz.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_training_checkpoint
 from ijepa_viz.config import Config, ConfigError, save_yaml
 from ijepa_viz.masks import MaskCollator
-from ijepa_viz.model import IJEPA, build_model, set_attention
+from ijepa_viz.model import IJEPA, build_model, feature_std, rankme, set_attention
+
+clock = time.monotonic  # the wall clock of `train.checkpoint_minutes` (tests replace it)
+PROBE_IMAGES = 256  # collapse checks encode at most this many images of the first training batch
+
+COLLAPSE_ADVICE = (
+    "Collapse means every image maps to nearly the same feature vector: the loss becomes trivially small and the "
+    "features carry no information (a linear probe on them does no better than on a random network). Try: keep "
+    "train.ema=true, raise optim.ema_start (e.g. 0.999: a slower target), lower optim.lr, lengthen "
+    "optim.warmup_epochs, or train for more epochs (short runs compress the warmup and the EMA ramp into a few "
+    "hundred steps). train.stop_on_collapse=true stops such a run with a checkpoint.")
 
 
 class TrainingDiverged(RuntimeError):
@@ -46,6 +63,10 @@ class TrainingDiverged(RuntimeError):
 
 class DeviceUnavailable(ConfigError, RuntimeError):
     """train.device names a device this machine lacks. A ConfigError, so the CLI prints it as one line."""
+
+
+class CollapseWarning(UserWarning):
+    """The target encoder's features collapsed (see `Trainer.check_collapse`); warned once per run."""
 
 
 # -- device, precision, distributed --------------------------------------------------------------
@@ -191,8 +212,9 @@ class TrainResult:
     history: list[dict]  # one dict per logged step (the lines of metrics.jsonl)
     checkpoint: Optional[Path]  # the last checkpoint written (rank 0), or None
     step: int  # optimiser steps done in total
-    stopped_early: bool  # stop() or Ctrl-C ended the run before its planned length
+    stopped_early: bool  # stop(), Ctrl-C or a collapse ended the run before its planned length
     wall_time: float  # seconds spent in this call
+    stop_reason: Optional[str] = None  # why it ended early: 'collapse at step N: ...' or 'stop() or Ctrl-C'
 
 
 # -- the trainer -----------------------------------------------------------------------------------
@@ -224,6 +246,11 @@ class Trainer:
         self.out_dir = Path(t.out_dir)
         self.history: list[dict] = []
         self._stop = False
+        self.stop_reason: Optional[str] = None
+        self._collapse_warned = False
+        # the latest collapse check (saved in checkpoints, so a resumed run logs what an uninterrupted one does)
+        self.collapse_state: dict[str, Any] = {"step": None, "rankme": None, "feature_std": None,
+                                               "first_std": None, "collapsed_at": None}
 
         if cfg.data.batch_size % self.dist.world_size:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the "
@@ -245,6 +272,7 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training set has fewer images than one batch ({cfg.data.batch_size}); "
                              f"lower data.batch_size")
+        self.probe_images = self._probe_batch() if t.collapse_every else None
         self.total_steps = t.steps or t.epochs * self.steps_per_epoch
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
 
@@ -279,6 +307,7 @@ class Trainer:
             "epoch": self.step // self.steps_per_epoch,
             "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps},
             "rng": rng,
+            "collapse": dict(self.collapse_state),
             "config": self.cfg.to_dict(),
         }
 
@@ -290,6 +319,8 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int(ckpt["step"])
+        if isinstance(ckpt.get("collapse"), dict):  # absent in checkpoints of older versions: measured afresh
+            self.collapse_state.update(ckpt["collapse"])
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
@@ -302,7 +333,16 @@ class Trainer:
             return None
         path = atomic_save(self.state_dict(), self.out_dir / (name or self.CHECKPOINT))
         self.last_checkpoint = path
+        if name is None:  # the file a resume reads: the clock of train.checkpoint_minutes restarts
+            self._last_save_time = clock()
         return path
+
+    def _checkpoint_due(self) -> bool:
+        """Every train.checkpoint_every steps, or once train.checkpoint_minutes passed since the last one."""
+        t = self.cfg.train
+        if self.step % t.checkpoint_every == 0:
+            return True
+        return bool(t.checkpoint_minutes) and clock() - self._last_save_time >= 60.0 * t.checkpoint_minutes
 
     def _trim_metrics(self, step: int) -> None:
         """Drop metrics lines written after the checkpoint we resume from (they will be written again)."""
@@ -348,6 +388,77 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, previous)
 
+    # -- collapse ------------------------------------------------------------------------------
+    def _probe_batch(self) -> torch.Tensor:
+        """The fixed images of the collapse checks: the first `PROBE_IMAGES` of epoch 0's first batch. Drawn
+        under a forked RNG, and every epoch re-selects its start in the loader, so training sees exactly the
+        batches (and random numbers) it would see without it."""
+        with torch.random.fork_rng(devices=[]):
+            if hasattr(self.loader, "set_epoch"):
+                try:
+                    self.loader.set_epoch(0, skip_batches=0)
+                except TypeError:
+                    self.loader.set_epoch(0)
+            batch = next(iter(self.loader))
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return images[:PROBE_IMAGES].to(self.device).clone()
+
+    @torch.no_grad()
+    def probe_metrics(self) -> tuple[float, float]:
+        """(RankMe, feature std) of the target encoder's average-pooled features of the probe images, in eval
+        mode (no drop path, so no random numbers drawn). With DDP every rank gets rank 0's values."""
+        net = self.model.target_network
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                feats = net(self.probe_images).mean(dim=1).float().cpu()  # (n, D)
+        finally:
+            net.train(was_training)
+        values = [rankme(feats), feature_std(feats)]
+        if self.dist.world_size > 1:
+            buf = torch.tensor(values, dtype=torch.float64, device=self.device)
+            dist.broadcast(buf, src=0)
+            values = buf.tolist()
+        return values[0], values[1]
+
+    def check_collapse(self) -> bool:
+        """Measure the probe's RankMe and feature std and judge collapse; True when the run should stop.
+
+        Collapse: RankMe below train.collapse_rankme, or the feature std below train.collapse_std_ratio times
+        its first reading (the untrained network's, for a fresh run). The first reading is never judged. The
+        first collapse of a run warns once (`CollapseWarning`, rank 0); with train.stop_on_collapse it also
+        sets `stop_reason` and asks the loop to stop.
+        """
+        t, st = self.cfg.train, self.collapse_state
+        r, s = self.probe_metrics()
+        first = st["first_std"] is None
+        st.update(step=self.step, rankme=r, feature_std=s, first_std=s if first else st["first_std"])
+        if first:
+            return False
+        reasons = []
+        if r < t.collapse_rankme:
+            reasons.append(f"RankMe {r:.2f} < train.collapse_rankme={t.collapse_rankme:g}")
+        if t.collapse_std_ratio and s < t.collapse_std_ratio * st["first_std"]:
+            reasons.append(f"feature std {s:.3g} < train.collapse_std_ratio={t.collapse_std_ratio:g} x its first "
+                           f"reading {st['first_std']:.3g}")
+        if not reasons:
+            return False
+        if st["collapsed_at"] is None:
+            st["collapsed_at"] = self.step
+        what = f"collapse at step {self.step}: " + "; ".join(reasons)
+        if not self._collapse_warned and self.dist.is_main:
+            self._collapse_warned = True
+            stopping = " Stopping (train.stop_on_collapse=true)." if t.stop_on_collapse else ""
+            warnings.warn(f"the target encoder's features collapsed ({what}).{stopping} {COLLAPSE_ADVICE}",
+                          CollapseWarning, stacklevel=2)
+        if t.stop_on_collapse:
+            self.stop_reason = what
+            self._stop = True
+            return True
+        return False
+
     # -- the step ------------------------------------------------------------------------------
     def _batch_masks(self, batch_len: int):
         """Masks for this rank's rows of the global batch: the same global masks on every rank, so a DDP run
@@ -390,6 +501,7 @@ class Trainer:
         """Run until `total_steps` (or `stop()` / Ctrl-C). Returns a `TrainResult`."""
         t, main = self.cfg.train, self.dist.is_main
         start, self.last_checkpoint = time.perf_counter(), None
+        self._last_save_time = clock()
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(self.cfg, self.out_dir / "config.yaml")
@@ -398,6 +510,8 @@ class Trainer:
                    dynamic_ncols=True)
         self.model.train()
         stopped = False
+        if t.collapse_every and self.collapse_state["step"] is None:
+            self.check_collapse()  # the first reading: the reference of collapse_std_ratio, never judged
         try:
             with self._sigint_stops():
                 while self.step < self.total_steps and not self._stop:
@@ -409,9 +523,11 @@ class Trainer:
                         m = self.train_step(images)
                         n_imgs += images.shape[0] * self.dist.world_size
                         epoch_losses.append(m["loss"])
+                        collapse_stop = bool(t.collapse_every) and self.step % t.collapse_every == 0 \
+                            and self.check_collapse()
                         bar.update(1)
-                        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
-                        if self.step % t.log_every == 0 or self.step == self.total_steps:
+                        bar.set_postfix(self._postfix(m))
+                        if self.step % t.log_every == 0 or self.step == self.total_steps or collapse_stop:
                             now = time.perf_counter()
                             row = self._metrics_row(epoch, m, n_imgs / max(now - tick, 1e-9))
                             tick, n_imgs = now, 0
@@ -422,8 +538,8 @@ class Trainer:
                             for cb in self.callbacks:
                                 if hasattr(cb, "on_step"):
                                     cb.on_step(self, row)
-                        if self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
-                            self.save_checkpoint()
+                        if self.step < self.total_steps and not self._stop and self._checkpoint_due():
+                            self.save_checkpoint()  # (a stop writes its checkpoint below)
                         if self.step >= self.total_steps or self._stop:
                             break
                     if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:
@@ -435,13 +551,22 @@ class Trainer:
                             if hasattr(cb, "on_epoch"):
                                 cb.on_epoch(self, summary)
             stopped = self.step < self.total_steps
+            if stopped and self.stop_reason is None:
+                self.stop_reason = "stop() or Ctrl-C"
             self.save_checkpoint()
         finally:
             bar.close()
             if metrics_file:
                 metrics_file.close()
         return TrainResult(self.model, self.history, self.last_checkpoint, self.step, stopped,
-                           time.perf_counter() - start)
+                           time.perf_counter() - start, self.stop_reason)
+
+    def _postfix(self, m: dict) -> dict:
+        post = {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}"}
+        if self.collapse_state["rankme"] is not None:
+            post.update(rankme=f"{self.collapse_state['rankme']:.2f}",
+                        feat_std=f"{self.collapse_state['feature_std']:.3g}")
+        return post
 
     def _iter_epoch(self, skip: int):
         """This epoch's batches, without the first `skip` ones (exact mid-epoch resume)."""
@@ -468,7 +593,18 @@ class Trainer:
             "context_tokens": int(out.masks.context.shape[1]),
             "target_tokens": int(out.masks.targets.shape[1] * out.masks.targets.shape[2]),
             "target_std": target_std,
+            **self._collapse_columns(),
         }
+
+    def _collapse_columns(self) -> dict:
+        """The latest collapse check, for the metrics rows: 'probe_rankme', 'probe_std' (and 'stop_reason' when a
+        collapse stopped the run). Other names than the dashboard's 'rankme'/'feature_std' (test images)."""
+        st, out = self.collapse_state, {}
+        if st["rankme"] is not None:
+            out.update(probe_rankme=st["rankme"], probe_std=st["feature_std"])
+        if self.stop_reason is not None:
+            out["stop_reason"] = self.stop_reason
+        return out
 
 
 def train(cfg: Config, callbacks: list | tuple = (), resume: bool | str | Path = False,
