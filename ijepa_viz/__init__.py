@@ -1,5 +1,54 @@
-"""ijepa_viz: a teaching toolkit for I-JEPA (Assran et al., 2023, arXiv 2301.08243)."""
-from ijepa_viz.config import Config, ConfigError, get_preset, override, PRESETS
+"""ijepa_viz: a teaching toolkit for I-JEPA (Assran et al., 2023, arXiv 2301.08243).
+
+The few names a notebook needs, in one namespace:
+
+    import ijepa_viz as ij
+
+    cfg = ij.get_preset("cpu-tiny")                      # Config: model, mask, data, optim, train
+    cfg = ij.override(cfg, ["optim.lr=5e-4"])            # the CLI's --set, as a function
+    model, cfg = ij.load_pretrained("shapes-vit-tiny")   # shipped weights, offline, with model.card
+    result = ij.train(cfg)                               # Trainer(cfg).fit(): model, history, checkpoint
+    model, cfg = ij.load_model("runs/x/checkpoint.pt")   # a training checkpoint
+    table = ij.evaluate(model=model, cfg=cfg)            # linear probe + kNN beside two baselines
+
+Also: `IJEPA` and `MaskCollator` (the method), `Trainer`, `load_images` (raw uint8 images of a dataset),
+`shipped_weights()`, and the submodules `ij.viz` (features, plots, widgets, verdicts). Everything loads on
+first use, so `import ijepa_viz` stays cheap.
+"""
+import importlib
+
+from ijepa_viz.config import Config, ConfigError, PRESETS, get_preset, override
 
 __version__ = "0.1.0"
-__all__ = ["Config", "ConfigError", "get_preset", "override", "PRESETS", "__version__"]
+
+# public name -> (module, attribute); imported on first access
+_LAZY = {
+    "IJEPA": ("ijepa_viz.model", "IJEPA"),
+    "MaskCollator": ("ijepa_viz.masks", "MaskCollator"),
+    "Trainer": ("ijepa_viz.train", "Trainer"),
+    "train": ("ijepa_viz.train", "train"),
+    "load_model": ("ijepa_viz.train", "load_model"),
+    "evaluate": ("ijepa_viz.evaluate", "evaluate"),
+    "format_table": ("ijepa_viz.evaluate", "format_table"),
+    "load_images": ("ijepa_viz.data", "load_uint8"),
+    "class_names": ("ijepa_viz.data", "class_names"),
+    "load_pretrained": ("ijepa_viz.pretrained", "load_pretrained"),
+    "shipped_weights": ("ijepa_viz.pretrained", "shipped"),
+    "viz": ("ijepa_viz.viz", None),
+}
+
+__all__ = ["Config", "ConfigError", "PRESETS", "get_preset", "override", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ijepa_viz' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

@@ -88,6 +88,11 @@ def cmd_presets(args) -> int:
     if args.keys:
         print("\n".join(valid_keys()))
         return 0
+    if args.weights:
+        from ijepa_viz.pretrained import shipped
+        for name, about in shipped().items():
+            print(f"{name:22s} {about}")
+        return 0
     for name, (_, about) in PRESETS.items():
         print(f"{name:22s} {about}")
         if args.verbose:
@@ -101,8 +106,9 @@ def cmd_eval(args) -> int:
     bad = [p for p in probes if p not in ("linear", "knn")]
     if bad or not probes:
         raise UserError(f"--probe {args.probe!r}: choose from linear, knn (comma-separated)")
+    from ijepa_viz.pretrained import is_shipped, load_shipped
     from ijepa_viz.train import load_model
-    model, cfg = load_model(args.checkpoint)
+    model, cfg = (load_shipped if is_shipped(args.checkpoint) else load_model)(args.checkpoint)
     sets = []
     if args.data:
         sets.append(f"data.name={args.data}")
@@ -153,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate the average-pooled target encoder of a checkpoint. The table always "
                                    "includes two baselines run the same way: raw pixels and a randomly "
                                    "initialised encoder of the same architecture.")
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint.pt written by train")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a checkpoint.pt written by train, or the name of a shipped model "
+                        "(ijepa-viz presets --weights lists them)")
     p.add_argument("--data", metavar="NAME", help="dataset to evaluate on (default: the checkpoint's)")
     p.add_argument("--data-root", metavar="PATH", help="dataset folder")
     p.add_argument("--probe", default="linear,knn", help="comma-separated: linear, knn (default: both)")
@@ -170,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "field that --set accepts.")
     p.add_argument("--verbose", "-v", action="store_true", help="print every preset's full configuration")
     p.add_argument("--keys", action="store_true", help="list every key that --set accepts")
+    p.add_argument("--weights", action="store_true",
+                   help="list the pretrained weights shipped with the package (load_pretrained(NAME), "
+                        "ijepa-viz eval --checkpoint NAME)")
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("demo", help="train cpu-tiny on shapes for ~3 minutes and write an HTML report",

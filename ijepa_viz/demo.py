@@ -1,9 +1,10 @@
-"""`ijepa-viz demo` / `make demo`: the main job, offline, in about three minutes on a laptop CPU.
+"""`ijepa-viz demo` / `make demo`: the main job, offline, in at most five minutes on a 2-core laptop CPU.
 
-It trains the `cpu-tiny` preset on the built-in `shapes` dataset for a time budget, evaluates the average-pooled
-target encoder with a linear probe against a randomly initialised encoder of the same architecture (and raw
-pixels), and writes `report.html` with PNG figures: sampled masks, the loss curve, a PCA of the features
-coloured by class, and the probe accuracies.
+It trains the `cpu-demo` preset on the built-in `shapes` dataset for a time budget, evaluates the
+average-pooled target encoder with a linear probe and kNN against a randomly initialised encoder of the same
+architecture and raw pixels, and writes `report.html` with PNG figures: sampled masks, the loss curve, PCA and
+t-SNE of the trained and the untrained encoder's features side by side, and the probe accuracies, with a
+sentence computed from them (`viz.verdicts.probe_verdict`) and the time spent training and evaluating.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def _estimate_steps(cfg: Config, seconds: float) -> int:
 
 
 def demo_config(out_dir: str | Path, quick: bool = False) -> Config:
-    cfg = get_preset("cpu-tiny")
+    cfg = get_preset("cpu-demo")
     sets = ["data.name=shapes", f"train.out_dir={out_dir}", "train.log_every=5", "train.checkpoint_every=100"]
     return override(cfg, sets + (QUICK if quick else []))
 
@@ -72,34 +73,45 @@ def run_demo(out_dir: str | Path = "runs/demo", seconds: float = 180.0, quick: b
     if ckpt.exists():
         ckpt.unlink()  # a demo always starts fresh
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    print(f"training cpu-tiny on shapes for {steps} steps (~{seconds:.0f} s budget) -> {out}")
+    print(f"training cpu-demo on shapes for {steps} steps (~{seconds:.0f} s budget) -> {out}")
     result = Trainer(cfg, callbacks=[_TimeBudget(seconds * 1.1)], progress=progress).fit()
     train_s = time.perf_counter() - start
 
-    print("evaluating: linear probe of the target encoder vs a random encoder and raw pixels")
+    print("evaluating: linear probe of the target encoder vs the untrained encoder and raw pixels")
+    tick = time.perf_counter()
     limits = dict(limit_train=128, limit_test=64) if quick else {}
     ev = evaluate(result.checkpoint, cfg=cfg, model=result.model, probes=("linear", "knn"), progress=progress,
                   **limits)
-    figures = _figures(cfg, result, out)
-    report = _write_report(out, cfg, result, ev, figures, train_s, time.perf_counter() - start)
-    (out / "demo.json").write_text(json.dumps({"steps": result.step, "train_seconds": train_s,
-                                               "total_seconds": time.perf_counter() - start,
+    eval_s = time.perf_counter() - tick
+    tick = time.perf_counter()
+    figures = _figures(cfg, result, out, n_points=128 if quick else 1000)
+    figures_s = time.perf_counter() - tick
+    from ijepa_viz.viz.verdicts import probe_verdict
+
+    verdict = probe_verdict(ev)
+    times = {"train": train_s, "eval": eval_s, "figures": figures_s, "total": time.perf_counter() - start}
+    report = _write_report(out, cfg, result, ev, figures, times, verdict)
+    (out / "demo.json").write_text(json.dumps({"steps": result.step, "seconds": times, "verdict": verdict,
                                                "eval": ev}, indent=2, default=str))
     for row in ev["rows"]:
         print(f"  {row['name']:28s} linear {row.get('linear', float('nan')) * 100:5.1f}%   "
               f"kNN {row.get('knn', float('nan')) * 100:5.1f}%")
+    print(verdict)
+    print(f"time: training {train_s:.0f} s, evaluation {eval_s:.0f} s, figures {figures_s:.0f} s, "
+          f"total {times['total']:.0f} s")
     return report
 
 
-def _figures(cfg: Config, result, out: Path) -> dict[str, str]:
+def _figures(cfg: Config, result, out: Path, n_points: int = 1000) -> dict[str, str]:
     from ijepa_viz.data import class_names, load_uint8
-    from ijepa_viz.evaluate import extract_features
+    from ijepa_viz.evaluate import _random_init
     from ijepa_viz.masks import MaskCollator
+    from ijepa_viz.viz.feature_plots import plot_embedding_2d
+    from ijepa_viz.viz.features import embed, pca_2d, tsne_2d
     from ijepa_viz.viz.plots import plot_loss, plot_masks
-    from sklearn.decomposition import PCA
 
     files = {}
-    images, labels = load_uint8(cfg.data, "test", cfg.model.img_size, limit=512)
+    images, labels = load_uint8(cfg.data, "test", cfg.model.img_size, limit=n_points)
     masks = MaskCollator(cfg.mask, cfg.grid_size, seed=0).sample(4, step=0)
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
     for i, ax in enumerate(axes):
@@ -111,17 +123,15 @@ def _figures(cfg: Config, result, out: Path) -> dict[str, str]:
     plot_loss(ax, result.history)
     files["loss"] = _save(fig, out / "loss.png")
 
-    from ijepa_viz.data import dataset_stats
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in dataset_stats(cfg.data.name))
-    x = (images.float() / 255 - mean) / std
-    feats, _ = extract_features(result.model.target_network, [(x, labels)], progress=False)
-    xy = PCA(n_components=2).fit_transform(feats.numpy())
     names = class_names(cfg.data)
-    fig, ax = plt.subplots(figsize=(6, 5))
-    sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels.numpy(), cmap="tab10", s=8)
-    ax.legend(sc.legend_elements()[0], names, fontsize=7, loc="best")
-    ax.set(title="PCA of the target encoder's pooled features (test images)", xticks=[], yticks=[])
-    files["pca"] = _save(fig, out / "pca.png")
+    untrained = _random_init(cfg, cfg.train.seed)  # the weights this run started from
+    feats = {"trained": embed(result.model, images, cfg), "untrained": embed(untrained, images, cfg)}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 9))
+    for col, (name, f) in enumerate(feats.items()):
+        plot_embedding_2d(axes[0, col], pca_2d(f), labels, names, legend=col == 1, title=f"{name}: PCA")
+        plot_embedding_2d(axes[1, col], tsne_2d(f), labels, names, legend=col == 1, title=f"{name}: t-SNE")
+    fig.suptitle(f"target-encoder features of {len(images)} test images, coloured by class (never seen in training)")
+    files["embedding"] = _save(fig, out / "embedding.png")
     return files
 
 
@@ -132,13 +142,15 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def _write_report(out: Path, cfg: Config, result, ev: dict, figures: dict, train_s: float, total_s: float) -> Path:
+def _write_report(out: Path, cfg: Config, result, ev: dict, figures: dict, times: dict, verdict: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     names = [r["name"] for r in ev["rows"]]
     accs = [r.get("linear", 0) * 100 for r in ev["rows"]]
     bars = ax.barh(names, accs, color=["tab:blue", "tab:gray", "tab:orange"][: len(names)])
     ax.bar_label(bars, fmt="%.1f%%")
+    ax.axvline(100 / len(class_names_of(cfg)), color="k", ls=":", lw=1, label="chance")
     ax.set(xlabel="linear-probe accuracy on shapes test (%)", xlim=(0, 105))
+    ax.legend(loc="lower right", fontsize=8)
     figures["probe"] = _save(fig, out / "probe.png")
     rows = "".join(
         f"<tr><td>{html.escape(r['name'])}</td><td>{r.get('linear', float('nan')) * 100:.1f}%</td>"
@@ -150,16 +162,25 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}
 <h1>ijepa_viz demo: I-JEPA on the built-in shapes dataset</h1>
 <p>ViT with width {m.embed_dim}, depth {m.depth}, patch {m.patch_size} on {m.img_size}&nbsp;px images;
 predictor width {m.pred_embed_dim}, depth {m.pred_depth}. Trained {result.step} steps of batch
-{cfg.data.batch_size} in {train_s:.0f}&nbsp;s (total with evaluation {total_s:.0f}&nbsp;s).</p>
+{cfg.data.batch_size} without labels. Time: training {times['train']:.0f}&nbsp;s, evaluation
+{times['eval']:.0f}&nbsp;s, figures {times['figures']:.0f}&nbsp;s; total {times['total']:.0f}&nbsp;s.</p>
 <h2>What the model sees</h2><img src="{figures['masks']}">
 <h2>Training loss</h2><img src="{figures['loss']}">
 <h2>Linear probe: learned features vs baselines</h2>
+<p><b>{html.escape(verdict)}</b></p>
 <table><tr><th>features</th><th>linear probe</th><th>kNN (k=20)</th></tr>{rows}</table>
+<p>{ev['n_train']:,} training and {ev['n_test']:,} test images; the probe sees labels, the encoder never did.</p>
 <img src="{figures['probe']}">
-<h2>Features</h2><img src="{figures['pca']}">
+<h2>Features: trained against untrained</h2><img src="{figures['embedding']}">
 </body></html>"""
     path = out / "report.html"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(page)
     tmp.replace(path)
     return path
+
+
+def class_names_of(cfg: Config) -> list[str]:
+    from ijepa_viz.data import class_names
+
+    return class_names(cfg.data)

@@ -1,4 +1,5 @@
 """`ijepa-viz demo --quick`: trains, evaluates, and writes an HTML report with its figures."""
+import html
 import json
 
 from ijepa_viz.cli import main
@@ -10,10 +11,14 @@ def test_demo_quick_writes_report_with_figures(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"report: {out / 'report.html'}" in printed
     page = (out / "report.html").read_text()
-    for png in ("masks.png", "loss.png", "pca.png", "probe.png"):
+    for png in ("masks.png", "loss.png", "embedding.png", "probe.png"):
         assert (out / png).stat().st_size > 1000 and f'src="{png}"' in page
     assert "random init" in page and "raw pixels" in page
     summary = json.loads((out / "demo.json").read_text())
     names = [r["name"] for r in summary["eval"]["rows"]]
     assert names == ["ijepa (target encoder)", "random init", "raw pixels"]
     assert summary["steps"] == 12
+    # the report's sentence is computed from the numbers, and the time is split into its phases
+    assert html.escape(summary["verdict"]) in page and summary["verdict"].startswith("The trained encoder")
+    assert set(summary["seconds"]) == {"train", "eval", "figures", "total"}
+    assert "Time: training" in page
