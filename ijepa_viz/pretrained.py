@@ -89,7 +89,9 @@ def save_shipped(model: nn.Module, cfg: Config, name: str, card: dict, folder: O
     sd = {k: v.to(_STORE_DTYPE) if v.is_floating_point() else v for k, v in sd.items()}
     path = _save_safetensors(sd, folder / f"{name}.safetensors",
                              {"format": "pt", "config": json.dumps(cfg.to_dict())})
-    _atomic_text(folder / f"{name}.json", json.dumps({"name": name, **card}, indent=2) + "\n")
+    card_path = _atomic_text(folder / f"{name}.json", json.dumps({"name": name, **card}, indent=2) + "\n")
+    for p in (path, card_path):
+        p.chmod(0o644)  # package data: readable by every user of an installed copy
     return path
 
 
