@@ -257,11 +257,17 @@ def test_regularised_forward_under_bf16_autocast_is_finite():
 
 # -- config -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", [n for n in PRESETS if n != "cpu-demo"])
 def test_every_preset_keeps_the_recipe_options_off(name):
     cfg = get_preset(name)
     m, o = cfg.model, cfg.optim
     assert (m.var_weight, m.cov_weight, m.sigreg_weight, o.ema_warmup_epochs) == (0, 0, 0, 0)
+
+
+def test_cpu_demo_turns_on_only_the_variance_covariance_terms():
+    m, o = get_preset("cpu-demo").model, get_preset("cpu-demo").optim
+    assert (m.var_weight, m.cov_weight, m.sigreg_weight, o.ema_warmup_epochs) == (1.0, 0.04, 0, 0)
+    assert m.reg_features == "context" and (o.ema_start, o.ema_end) == (0.99, 0.999)
 
 
 @pytest.mark.parametrize("assignment,field", [
