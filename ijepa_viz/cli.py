@@ -115,11 +115,12 @@ def cmd_eval(args) -> int:
     if args.data_root:
         sets.append(f"data.root={args.data_root}")
     cfg = override(cfg, sets + list(args.overrides))
-    from ijepa_viz.evaluate import evaluate, format_table
+    from ijepa_viz.evaluate import evaluate, format_table, format_timings
 
     result = evaluate(args.checkpoint, cfg=cfg, model=model, probes=probes, limit_train=args.limit_train,
                       limit_test=args.limit_test, progress=not args.quiet)
     print(format_table(result))
+    print(format_timings(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -183,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "ijepa-viz eval --checkpoint NAME)")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("demo", help="train cpu-tiny on shapes for ~3 minutes and write an HTML report",
-                       description="Offline demo: trains cpu-tiny on the built-in shapes dataset, evaluates it "
-                                   "against a randomly initialised encoder, and writes report.html with figures.")
+    p = sub.add_parser("demo", help="train cpu-demo on shapes for ~3 minutes and write an HTML report",
+                       description="Offline demo: trains the cpu-demo preset on the built-in shapes dataset, "
+                                   "evaluates it against the untrained encoder and raw pixels, and writes "
+                                   "report.html with figures, a computed verdict and the time of each phase.")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where to write the run and report")
     p.add_argument("--seconds", type=float, default=180.0, help="training time budget (default 180)")
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps (for tests)")
