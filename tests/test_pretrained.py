@@ -1,0 +1,85 @@
+"""Shipped weights: saved and loaded by name offline, with their card; the eval CLI takes the name; and a
+sentence computed from a probe flips between the shipped (trained) model and the untrained one."""
+import json
+
+import pytest
+import torch
+
+import ijepa_viz as ij
+from ijepa_viz.checkpoint import CheckpointError
+from ijepa_viz.config import get_preset, override
+from ijepa_viz.model import IJEPA
+from ijepa_viz.pretrained import load_shipped, round_trip, save_shipped, shipped
+from ijepa_viz.viz.verdicts import probe_verdict
+
+SHAPES = "shapes-cpu-demo"
+
+
+def _tiny_cfg():
+    return override(get_preset("cpu-demo"), ["model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+                                             "model.pred_embed_dim=16", "model.pred_depth=1"])
+
+
+def test_save_and_load_round_trip_in_float16(tmp_path, monkeypatch):
+    import ijepa_viz.pretrained as P
+
+    cfg = _tiny_cfg()
+    torch.manual_seed(0)
+    model = IJEPA(cfg.model)
+    save_shipped(model, cfg, "tiny-test", {"description": "a test model", "command": "none"}, folder=tmp_path)
+    assert (tmp_path / "tiny-test.safetensors").stat().st_mode & 0o044 == 0o044  # readable by all
+    monkeypatch.setattr(P, "WEIGHTS_DIR", tmp_path)
+    assert shipped() == {"tiny-test": "a test model"}
+    loaded, loaded_cfg = load_shipped("tiny-test")
+    assert loaded_cfg.to_dict() == cfg.to_dict() and loaded.card["command"] == "none"
+    expected = round_trip(model).state_dict()  # what ships is the float16-rounded model
+    for k, v in loaded.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, expected[k]), k
+
+
+def test_unknown_name_names_the_shipped_ones():
+    with pytest.raises(CheckpointError, match="no shipped model is called 'nope'"):
+        load_shipped("nope")
+
+
+def test_only_ema_models_ship(tmp_path):
+    cfg = override(_tiny_cfg(), ["train.ema=false"])
+    with pytest.raises(CheckpointError, match="EMA"):
+        save_shipped(IJEPA(cfg.model, ema=False), cfg, "x", {}, folder=tmp_path)
+
+
+@pytest.mark.skipif(SHAPES not in shipped(), reason="the shapes weights are not installed")
+def test_shipped_shapes_model_loads_offline_with_its_card():
+    model, cfg = ij.load_pretrained(SHAPES)
+    card = model.card
+    for key in ("command", "commit", "steps", "epochs", "train_seconds", "eval"):
+        assert key in card, key
+    assert [r["name"] for r in card["eval"]["rows"]] == ["ijepa (target encoder)", "random init", "raw pixels"]
+    assert card["command"].startswith("ijepa-viz train") and cfg.data.name == "shapes"
+    assert model.predictor is not None and model.target_encoder is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SHAPES not in shipped(), reason="the shapes weights are not installed")
+def test_probe_verdict_follows_real_features_of_shipped_and_untrained_models(capsys):
+    """On real features, each clause of the sentence says 'beats' exactly when the measured margin is beyond
+    the noise, for the shipped model and for the untrained one put in its place (where there is nothing to
+    beat: the sentence must say so)."""
+    from ijepa_viz.cli import main
+    from ijepa_viz.evaluate import _random_init, evaluate
+    from ijepa_viz.viz.verdicts import probe_margins
+
+    model, cfg = ij.load_pretrained(SHAPES)
+    for candidate in (model, _random_init(cfg, cfg.train.seed)):
+        result = evaluate(model=candidate, cfg=cfg, probes=("linear",), limit_train=1000, limit_test=500,
+                          progress=False)
+        text, m = probe_verdict(result), probe_margins(result)
+        beats_untrained = m["vs_untrained"] > m["noise_untrained"]
+        assert ("beats the untrained encoder by" in text) == beats_untrained, text
+        assert ("has not learned yet" in text) == (not beats_untrained), text
+        assert ("beats raw pixels by" in text) == (m["vs_pixels"] > m["noise_pixels"]), text
+    assert "does NOT beat the untrained encoder" in text  # the untrained model against itself
+    # the eval command takes the shipped name too
+    assert main(["eval", "--checkpoint", SHAPES, "--probe", "knn", "--limit-train", "200", "--limit-test", "100",
+                 "--quiet"]) == 0
+    assert "ijepa (target encoder)" in capsys.readouterr().out
