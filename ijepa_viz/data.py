@@ -199,10 +199,11 @@ def render_shapes(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: 
     own random colour (kept apart from the background), rotation, size (radius 10-15% of the image) and offset
     (up to 35% of a lattice cell). What the copies share is only their shape.
 
-    Why this design: I-JEPA learns what the context says about the targets. Here the one thing a context block
-    says about a target block is the shape of the copies in it (colour, pose and position vary freely from
-    copy to copy), so the features that predict well are shape features, and they give the class. Raw pixels
-    and an untrained encoder see mostly colour and position, which say nothing about the class.
+    The idea: I-JEPA learns what the context says about the targets, and here the one thing a context block
+    says about a target block is the shape of the copies in it (colour, pose and position vary from copy to
+    copy). Measured (README, demo): a linear probe on raw pixels stays near chance, but the average-pooled
+    features of an untrained ViT already separate some classes, and a few thousand CPU steps of I-JEPA add
+    little to them.
     """
     if split not in _SPLIT_IDS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
