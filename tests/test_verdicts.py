@@ -53,3 +53,22 @@ def test_collapse_verdict_three_ways():
 
 def test_spread():
     assert V.spread([36.0, 37.5]) == pytest.approx(1.5) and V.spread([3.0]) == 0.0
+
+
+def test_paired_verdict_better_within_noise_and_worse():
+    a = [0.30, 0.25, 0.35, 0.30] * 25
+    good = V.paired_verdict("precision@8", a, [x - 0.1 for x in a], "the trained encoder", "the untrained encoder",
+                            percent=True, items="queries")
+    assert good.startswith("On precision@8, the trained encoder is better than the untrained encoder: 30.0% "
+                           "against 20.0%, by 10.0 points") and "100 queries" in good
+    noisy = V.paired_verdict("x", [1.0, 0.0] * 10, [0.0, 1.0] * 10, "A", "B")
+    assert "NOT better than B beyond the noise" in noisy
+    # lower is better: a smaller pixel gap wins
+    closer = V.paired_verdict("the pixel gap", [10.0, 12.0, 11.0], [20.0, 21.0, 19.0], "A", "B",
+                              higher_is_better=False, unit=" grey levels")
+    assert "A is better than B: 11.0 grey levels against 20.0 grey levels, by 9.0 grey levels" in closer
+    worse = V.paired_verdict("the pixel gap", [20.0, 21.0, 19.0], [10.0, 12.0, 11.0], "A", "B",
+                             higher_is_better=False)
+    assert "NOT better than B: it is worse" in worse
+    with pytest.raises(ValueError, match="equally long"):
+        V.paired_verdict("x", [1.0, 2.0], [1.0], "A", "B")

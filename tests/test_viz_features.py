@@ -252,6 +252,9 @@ def test_plot_retrieval_and_neighbours_fill_their_axes(model, cfg, data):
     grid = fp.plot_neighbours(Figure(), nb, true_pixels=bank.pixels[:5], rows=[0, 2])
     assert grid.shape == (2, 4) and all(len(a.images) == 1 for a in grid.ravel())
     assert grid[0, 1].get_title() == f"{nb.score[0, 0]:.3f}"
+    left, right = Figure().subfigures(1, 2)  # two models side by side
+    assert fp.plot_neighbours(right, nb, rows=[1]).shape == (1, 3)
+    assert fp.plot_retrieval(left, images[0], images, [3], [0.5]).shape == (2,)
 
 
 def test_plot_probe_bars_one_container_per_encoder():
@@ -281,52 +284,61 @@ def _all_children(box):
 def test_prediction_explorer_controls_and_redraws(model, other, cfg, data):
     images, _ = data
     app = fw.prediction_explorer(model, other, images[:4], cfg, size_px=500)
-    assert set(app.controls) == {"index", "seed", "resample", "block", "model"}
+    assert set(app.controls) == {"index", "seed", "resample", "block"}
     assert all(w in _all_children(app) for w in app.controls.values())
     assert app.image_widget.value[:4] == b"\x89PNG" and "untrained" in app.summary.value
+    assert set(app.all_maps) == {"trained", "untrained"} and app.maps is app.all_maps["trained"]
     first, maps = app.image_widget.value, app.maps
     app.controls["index"].value = 2
     assert app.image_widget.value != first and app.maps is not maps
     app.controls["resample"].click()
     assert app.controls["seed"].value == 1
     app.controls["block"].value = 0
-    assert (app.maps.block == 0).all()
-    trained_cos = app.maps.cos
-    app.controls["model"].value = "untrained"
-    assert not np.allclose(np.nan_to_num(app.maps.cos), np.nan_to_num(trained_cos))
-    assert len(app.redraw_times) == 5 and app.error.value == ""
+    assert all((m.block == 0).all() for m in app.all_maps.values())
+    # the two rows are two models on the same image and masks
+    t, u = app.all_maps["trained"], app.all_maps["untrained"]
+    assert np.array_equal(t.patch, u.patch) and not np.allclose(np.nan_to_num(t.cos), np.nan_to_num(u.cos))
+    assert len(app.redraw_times) == 4 and app.error.value == ""
     solo = fw.prediction_explorer(model, None, images[:2], cfg, size_px=400)
-    assert solo.controls["model"].options == ("trained",)
+    assert list(solo.all_maps) == ["trained"]
 
 
-def test_embedding_explorer_controls_and_redraws(model, other, cfg, data):
+def test_embedding_explorer_draws_every_model_and_redraws(model, other, cfg, data):
     images, labels = data
     app = fw.embedding_explorer({"trained": model, "untrained": other}, images, labels, cfg,
                                 class_names(cfg.data), points=12, perplexity=3)
-    assert set(app.controls) == {"model", "points", "perplexity"}
-    assert app.xy["pca"].shape == app.xy["tsne"].shape == (12, 2)
+    assert set(app.controls) == {"points", "perplexity"}
+    assert set(app.xy) == {"trained", "untrained"}
+    assert app.xy["trained"]["pca"].shape == app.xy["untrained"]["tsne"].shape == (12, 2)
+    assert not np.allclose(app.xy["trained"]["pca"], app.xy["untrained"]["pca"])
     first = app.image_widget.value
     app.controls["points"].value = 16
-    assert app.xy["tsne"].shape == (16, 2) and app.image_widget.value != first
-    before = app.xy["pca"]
-    app.controls["model"].value = "untrained"
-    assert not np.allclose(app.xy["pca"], before)
+    assert app.xy["trained"]["tsne"].shape == (16, 2) and app.image_widget.value != first
     app.controls["perplexity"].value = 4
-    assert app.error.value == "" and len(app.redraw_times) == 4
+    assert app.error.value == "" and len(app.redraw_times) == 3
+    assert list(fw.embedding_explorer(model, images, labels, cfg, points=8, perplexity=2).xy) == ["trained"]
 
 
-def test_similarity_search_app_gallery_query_and_upload(model, cfg, data):
+def test_similarity_search_app_gallery_query_and_upload(model, other, cfg, data):
     images, labels = data
-    app = fw.similarity_search_app(model, images, cfg, labels, class_names(cfg.data), k=4)
-    assert set(app.controls) == {"source", "index", "upload", "k"}
-    idx, score = app.result
-    assert len(idx) == 4 and 0 not in idx and (np.diff(score) <= 1e-6).all()  # the query leaves itself out
+    app = fw.similarity_search_app({"trained": model, "untrained": other}, images, cfg, labels,
+                                   class_names(cfg.data), k=4)
+    assert set(app.controls) == {"source", "index", "upload", "k", "centre"}
+    assert set(app.results) == {"trained", "untrained"} and app.result is app.results["trained"]
+    for idx, score in app.results.values():
+        assert len(idx) == 4 and 0 not in idx and (np.diff(score) <= 1e-6).all()  # the query leaves itself out
+    assert "left out of its own results" in app.summary.value
+    # centred scores are those of similarity_search with centre=True; raw ones differ
+    feats = app.gallery_feats["trained"]
+    assert np.allclose(app.result[1], fx.similarity_search(feats, feats[0], k=4, exclude=0, centre=True)[1])
     first = app.image_widget.value
+    app.controls["centre"].value = False
+    assert np.allclose(app.result[1], fx.similarity_search(feats, feats[0], k=4, exclude=0)[1])
     app.controls["index"].value = 5
-    assert app.image_widget.value != first and 5 not in app.result[0]
+    assert app.image_widget.value != first and all(5 not in r[0] for r in app.results.values())
     app.controls["k"].value = 6
     assert len(app.result[0]) == 6
-    # upload gallery image 9 as a PNG: it is the best match of itself, with cosine ~1
+    # upload gallery image 9 as a PNG: it is not left out, so it is the best match of itself, cosine ~1
     buf = io.BytesIO()
     Image.fromarray(images[9].permute(1, 2, 0).numpy()).save(buf, format="PNG")
     app.controls["upload"].value = ({"name": "q.png", "type": "image/png", "size": len(buf.getvalue()),
@@ -336,6 +348,7 @@ def test_similarity_search_app_gallery_query_and_upload(model, cfg, data):
     app.controls["upload"].value = ({"name": "junk.png", "type": "image/png", "size": 4,
                                      "content": memoryview(b"junk"), "last_modified": NOW},)
     assert "could not read 'junk.png'" in app.error.value
+    assert list(fw.similarity_search_app(model, images, cfg, k=2).results) == ["trained"]
 
 
 def test_notebook_model_prefers_notebook_03_then_trains_and_reuses_a_fallback(tmp_path, monkeypatch, capsys):
@@ -352,3 +365,135 @@ def test_notebook_model_prefers_notebook_03_then_trains_and_reuses_a_fallback(tm
     (tmp_path / "notebook-fallback-quick" / "checkpoint.pt").rename(tmp_path / "notebook" / "checkpoint.pt")
     fw.notebook_model(quick=True)
     assert "Loaded notebook 03's model" in capsys.readouterr().out
+
+
+# -- the notebooks' model ------------------------------------------------------------------------------
+
+def test_untrained_model_is_seeded_and_leaves_the_global_rng_alone(cfg):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = fw.untrained_model(cfg)
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is untouched
+    b = fw.untrained_model(cfg)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters())) and not a.training
+
+
+def test_feature_model_shipped_is_the_shapes_model_offline():
+    from ijepa_viz.pretrained import shipped
+
+    if fw.SHIPPED_MODELS["shapes"] not in shipped():
+        pytest.skip("the shapes weights are not installed")
+    model, cfg, about = fw.feature_model("shipped")
+    assert cfg.data.name == "shapes" and not model.training and model.target_encoder is not None
+    assert fw.SHIPPED_MODELS["shapes"] in about and f"{cfg.model.embed_dim} wide" in about
+    assert "steps" in about  # how long it trained, read from its model card
+    assert "shipped" in fw.feature_sources() and "notebook03" in fw.feature_sources()
+    # the untrained model of the same config is the same network with other weights
+    untrained = fw.untrained_model(cfg)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in untrained.state_dict().items()}
+    assert not torch.equal(model.target_encoder.patch_embed.proj.weight, untrained.target_encoder.patch_embed.proj.weight)
+
+
+def test_feature_model_notebook03_and_bad_sources(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fw, "NOTEBOOK_CHECKPOINT", tmp_path / "notebook" / "checkpoint.pt")
+    monkeypatch.setattr(fw, "RUNS_DIR", tmp_path)
+    monkeypatch.setattr(fw, "notebook_config", lambda quick, out_dir, extra=(): tiny_config(out_dir, "train.steps=2"))
+    model, cfg, about = fw.feature_model("notebook03", quick=True)
+    assert about.startswith("notebook 03's run") and cfg.model.embed_dim == 32 and not model.training
+    with pytest.raises(ValueError, match="'shipped', 'notebook03', 'cifar10'"):
+        fw.feature_model("imagenet")
+    monkeypatch.setattr("ijepa_viz.pretrained.shipped", lambda: {})
+    with pytest.raises(ValueError, match="does not have"):
+        fw.feature_model("cifar10")
+    assert set(fw.feature_sources()) == {"notebook03"}
+
+
+def test_feature_model_cifar10_says_why_when_its_images_cannot_be_loaded(monkeypatch, cfg):
+    monkeypatch.setattr("ijepa_viz.pretrained.shipped", lambda: {fw.SHIPPED_MODELS["cifar10"]: "x"})
+    monkeypatch.setattr("ijepa_viz.pretrained.load_shipped", lambda name: (fw.untrained_model(cfg), cfg))
+    monkeypatch.setattr(fw, "_cifar10_reachable", lambda cfg: "URLError: no network")
+    assert "cifar10" in fw.feature_sources()
+    with pytest.raises(RuntimeError, match="no network.*source='shipped'"):
+        fw.feature_model("cifar10")
+    monkeypatch.setattr(fw, "_cifar10_reachable", lambda cfg: None)
+    model, _, about = fw.feature_model("cifar10")
+    assert fw.SHIPPED_MODELS["cifar10"] in about
+
+
+# -- numbers that explain the pictures -----------------------------------------------------------------
+
+def test_position_share_common_share_and_mean_cosine():
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(16, 8, generator=g) * 10
+    assert fx.position_share(pos.expand(5, 16, 8)) == pytest.approx(1.0)  # position is everything
+    noise = torch.randn(50, 16, 8, generator=g)
+    assert fx.position_share(noise) < 0.1 and fx.position_share(noise + pos) > 0.9
+    with pytest.raises(ValueError, match="N >= 2"):
+        fx.position_share(pos)
+    shared = torch.randn(8, generator=g) * 10
+    feats = shared + torch.randn(200, 8, generator=g)
+    assert fx.common_share(feats) > 0.95 and fx.common_share(feats - feats.mean(0)) < 1e-6
+    assert fx.mean_cosine(feats) > 0.95 and abs(fx.mean_cosine(feats, centre=True)) < 0.02
+    # exact over all pairs
+    u = torch.nn.functional.normalize(feats[:6].double(), dim=1)
+    pairs = (u @ u.T)[~torch.eye(6, dtype=torch.bool)].mean()
+    assert fx.mean_cosine(feats[:6]) == pytest.approx(float(pairs), abs=1e-9)
+
+
+def test_similarity_search_centre_subtracts_the_gallery_mean():
+    rng = np.random.default_rng(1)
+    gallery = (rng.normal(size=(40, 8)) + 20).astype(np.float32)  # a large shared component
+    _, raw = fx.similarity_search(gallery, gallery[3], k=5, exclude=3)
+    assert raw.min() > 0.95  # every raw cosine near 1
+    idx, cen = fx.similarity_search(gallery, gallery[3], k=5, exclude=3, centre=True)
+    centred = gallery - gallery.mean(0)
+    ref_idx, ref = fx.similarity_search(centred, centred[3], k=5, exclude=3)
+    assert np.array_equal(idx, ref_idx) and np.allclose(cen, ref, atol=1e-5) and cen.max() < 0.95
+    _, given = fx.similarity_search(gallery, gallery[3], k=5, exclude=3, centre=torch.from_numpy(gallery.mean(0)))
+    assert np.allclose(given, cen, atol=1e-5)
+
+
+def test_new_shapes_and_drawn_picture_are_new_images(cfg):
+    imgs, labels = fx.new_shapes(10, 16)
+    assert imgs.shape == (10, 3, 16, 16) and imgs.dtype == torch.uint8 and list(labels) == list(range(10))
+    test, _ = load_uint8(cfg.data, "test", 16, limit=10)
+    train, _ = load_uint8(cfg.data, "train", 16, limit=10)
+    assert not any(torch.equal(a, b) for a in imgs for b in torch.cat([test, train]))
+    with pytest.raises(ValueError, match="seed 0"):
+        fx.new_shapes(2, 16, seed=0)
+    pic = fx.drawn_picture(32)
+    assert pic.shape == (3, 32, 32) and pic.dtype == torch.uint8
+    assert pic[:, 0, 0].tolist() == pytest.approx([150, 200, 240], abs=3)  # sky in the corner
+    assert pic[:, 31, 0].tolist() == pytest.approx([70, 160, 60], abs=3)  # grass at the bottom
+
+
+def test_prediction_colours_share_one_pca(model, cfg, data):
+    images, _ = data
+    maps = fx.prediction_maps(model, images[0], _masks(cfg), cfg=cfg)
+    pos = fx.position_mean(model, images, cfg)
+    assert pos.shape == (64, 32)
+    col = fx.prediction_colours(maps, pos)
+    assert col["all"].shape == (64, 3) and col["true"].shape == col["pred"].shape == (8, 8, 3)
+    on = np.isfinite(col["true"]).all(-1)
+    assert on.sum() == len(set(maps.patch.tolist())) and np.array_equal(on, np.isfinite(col["pred"]).all(-1))
+    # a perfect prediction gets exactly the true colours
+    perfect = fx.PredictionMaps(**{**maps.__dict__, "pred": maps.target.clone()})
+    both = fx.prediction_colours(perfect, pos)
+    assert np.allclose(both["true"][on], both["pred"][on])
+
+
+def test_retrieval_pixel_gaps_pairs_three_lookups(model, cfg, data):
+    images, _ = data
+    bank = fx.patch_bank(model, images[8:], cfg)
+    gaps = fx.retrieval_pixel_gaps(model, images[:3], bank, cfg, k=2)
+    n = sum(len(fx.prediction_maps(model, images[i], MaskCollator(cfg.mask, cfg.grid_size, seed=0).sample(1, step=i),
+                                   cfg=cfg).patch) for i in range(3))
+    assert set(gaps) == {"prediction", "truth", "random"} and all(v.shape == (n,) for v in gaps.values())
+    assert all(((v >= 0) & (v <= 255)).all() for v in gaps.values())
+    # a bank that holds the query images themselves: the truth's nearest patch is the true patch (gap 0 for k=1)
+    own = fx.patch_bank(model, images[:3], cfg)
+    exact = fx.retrieval_pixel_gaps(model, images[:3], own, cfg, k=1)
+    assert np.allclose(exact["truth"], 0) and exact["random"].mean() > 0
+    assert np.array_equal(fx.patch_pixels(images[:2], 8).reshape(-1, 2, 2, 3), fx.patch_bank(model, images[:2], cfg).pixels)

@@ -5,7 +5,8 @@ drawings to ipywidgets. Functions that need several Axes take a sequence of them
 make their own grid) and return the array of Axes they drew on.
 
 Images are accepted in any layout `plots.to_display` takes: uint8 (3, H, W) as `load_uint8` returns them, or
-normalised floats with `mean` and `std`.
+normalised floats with `mean` and `std`. Functions that take "a Figure" also take a `Figure.subfigures` panel,
+so two models' drawings can sit side by side in one figure.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, FigureBase
 
 from ijepa_viz.viz.plots import to_display
 
@@ -35,8 +36,8 @@ def _bare(ax: Axes, title: Optional[str]) -> Axes:
 
 
 def _axes(axes_or_fig, n_rows: int, n_cols: int) -> np.ndarray:
-    """A (n_rows, n_cols) array of Axes: made on a Figure, or the given Axes reshaped."""
-    if isinstance(axes_or_fig, Figure):
+    """A (n_rows, n_cols) array of Axes: made on a Figure (or a SubFigure), or the given Axes reshaped."""
+    if isinstance(axes_or_fig, FigureBase):
         return np.asarray(axes_or_fig.subplots(n_rows, n_cols, squeeze=False))
     axes = np.asarray(axes_or_fig, dtype=object).reshape(-1)
     if axes.size < n_rows * n_cols:
@@ -190,7 +191,7 @@ def plot_neighbours(axes_or_fig, neighbours, true_pixels: Optional[np.ndarray] =
     k nearest bank patches with their cosine scores: what the predictor "thinks is there".
 
     Args:
-        axes_or_fig: a Figure, or len(rows) x (k [+ 1]) Axes.
+        axes_or_fig: a Figure (or SubFigure), or len(rows) x (k [+ 1]) Axes.
         neighbours: a `features.Neighbours` (index, score, pixels (K, k, p, p, 3)).
         rows: which of the K queries to show (default: all).
 

@@ -1,9 +1,12 @@
 """ipywidgets apps of the feature notebooks: the prediction explorer (04), the embedding explorer (05) and the
-similarity search (07), plus `notebook_model`, the model those notebooks load.
+similarity search (07), plus `feature_model`, the model those notebooks load, and `untrained_model`, the
+same network before training.
 
-The *wire* layer of STYLE.md: each app only connects controls to `ijepa_viz.viz.features` (compute) and
+The *wire* layer: each app only connects controls to `ijepa_viz.viz.features` (compute) and
 `ijepa_viz.viz.feature_plots` (draw), and is an ipywidgets box. Figures are plain Agg `Figure`s rendered to a PNG
 in an `ipywidgets.Image`, as in `ijepa_viz.viz.widgets`, so JupyterLab shows them without any extension.
+Every app draws one row per model it is given (the trained encoder above the untrained one), so what
+training changed is always in view.
 
 Every app has `controls` (name -> widget), `image_widget` (the PNG), `summary` (an HTML line of numbers),
 `redraw()` and `redraw_times` (seconds per redraw); changing a control redraws.
@@ -30,7 +33,8 @@ from ijepa_viz.viz.widgets import NOTEBOOK_CHECKPOINT, RUNS_DIR, figure_png, ima
 
 __all__ = [
     "PredictionExplorer", "prediction_explorer", "EmbeddingExplorer", "embedding_explorer",
-    "SimilaritySearch", "similarity_search_app", "notebook_model", "untrained_model",
+    "SimilaritySearch", "similarity_search_app", "feature_model", "feature_sources", "notebook_model",
+    "untrained_model", "SHIPPED_MODELS",
 ]
 
 
@@ -38,6 +42,15 @@ def _figure(width_in: float, height_in: float, dpi: int = 100) -> Figure:
     fig = Figure(figsize=(width_in, height_in), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _models(trained, untrained=None) -> dict:
+    """{'trained': ..., 'untrained': ...} from a model and an optional second one, or a mapping as given."""
+    if isinstance(trained, Mapping):
+        if not trained:
+            raise ValueError("give at least one model")
+        return dict(trained)
+    return {"trained": trained} if untrained is None else {"trained": trained, "untrained": untrained}
 
 
 def _error_html(msg: str) -> str:
@@ -75,14 +88,16 @@ class _App(widgets.VBox):
 # -- notebook 04: the prediction explorer --------------------------------------------------------------
 
 class PredictionExplorer(_App):
-    """What the predictor predicts on one image, for the trained and the untrained model. See
-    `prediction_explorer`. Also keeps `maps` (the last `features.PredictionMaps`) and `masks`."""
+    """What the predictor predicts on one image, one row per model (trained above untrained). See
+    `prediction_explorer`. Keeps `all_maps` ({model name: `features.PredictionMaps`} of the last redraw),
+    `maps` (the first model's) and `masks`."""
 
-    def __init__(self, trained: IJEPA, untrained: Optional[IJEPA], images: torch.Tensor, cfg: Config,
-                 size_px: int = 1150):
-        self.models = {"trained": trained} if untrained is None else {"trained": trained, "untrained": untrained}
+    def __init__(self, trained: IJEPA | Mapping[str, IJEPA], untrained: Optional[IJEPA], images: torch.Tensor,
+                 cfg: Config, size_px: int = 1150):
+        self.models = _models(trained, untrained)
         self.images, self.cfg = images, cfg
         self.maps: Optional[fx.PredictionMaps] = None
+        self.all_maps: dict = {}
         M = cfg.mask.num_targets
         c = {
             "index": widgets.IntSlider(0, min=0, max=len(images) - 1, description="image",
@@ -91,65 +106,60 @@ class PredictionExplorer(_App):
             "resample": widgets.Button(description="new masks", icon="refresh", tooltip="mask seed + 1"),
             "block": widgets.Dropdown(options=[("all blocks", -1)] + [(f"block {m + 1}", m) for m in range(M)],
                                       value=-1, description="target"),
-            "model": widgets.ToggleButtons(options=list(self.models), value="trained", description="checkpoint"),
         }
         c["resample"].on_click(lambda _: setattr(c["seed"], "value", (c["seed"].value + 1) % 1000))
-        panel = [widgets.HBox([c["index"], c["seed"], c["resample"]]), widgets.HBox([c["block"], c["model"]])]
+        panel = [widgets.HBox([c["index"], c["seed"], c["resample"]]), c["block"]]
         self._setup(c, panel, (size_px, 0))
         self.redraw()
 
-    def _maps(self, model: IJEPA, masks) -> fx.PredictionMaps:
-        block = self.controls["block"].value
-        image = self.images[self.controls["index"].value]
-        return fx.prediction_maps(model, image, masks, None if block < 0 else block, cfg=self.cfg)
-
     def _position_mean(self, model: IJEPA):
         """Each position's mean target feature over `images` (removed before the PCA colours, so they show
-        content, not position); 0 for a model that predicts pixels."""
-        if model.pixel_head is not None:
-            return 0
-        return fx.embed(model, self.images, self.cfg, pool="none", normalize=True).mean(0)
+        content, not position); None for a model that predicts pixels."""
+        return None if model.pixel_head is not None else fx.position_mean(model, self.images, self.cfg)
 
     def _draw(self) -> None:
         c = self.controls
         collator = MaskCollator(self.cfg.mask, self.cfg.grid_size, seed=c["seed"].value)
         self.masks = collator.sample(1, step=0)
-        all_maps = {name: self._maps(m, self.masks) for name, m in self.models.items()}
-        maps = self.maps = all_maps[c["model"].value]
+        block = c["block"].value
         image = self.images[c["index"].value]
-        pos = self._position_mean(self.models[c["model"].value])  # (P, D), or 0
-        at = pos[maps.patch] if torch.is_tensor(pos) else 0
-        # colours fitted on the true target features of the whole image, so prediction and truth compare
-        rgb = fx.pca_rgb(torch.cat([maps.target - at, maps.pred - at]), fit_on=maps.all_targets - pos)
-        K, grid = len(maps.patch), self.masks.grid
-        fig = _figure(11.5, 2.6)
-        axes = fig.subplots(1, 5)
-        plots.plot_masks(axes[0], image, self.masks, title="masks")
-        axes[0].title.set_fontsize(9)
-        fp.plot_similarity_map(axes[1], image, maps.cos)
-        fp.plot_error_map(axes[2], image, maps.err)
-        fp.plot_pca_rgb(axes[3], fx.to_grid(rgb[:K], maps.patch, grid), title="true targets, PCA→RGB")
-        fp.plot_pca_rgb(axes[4], fx.to_grid(rgb[K:], maps.patch, grid), title="predicted, same colours")
-        fig.subplots_adjust(left=0.01, right=0.99, wspace=0.3, top=0.88, bottom=0.03)
+        self.all_maps = {name: fx.prediction_maps(m, image, self.masks, None if block < 0 else block, cfg=self.cfg)
+                         for name, m in self.models.items()}
+        self.maps = next(iter(self.all_maps.values()))
+        vmax = max(float(np.nanmax(m.err)) for m in self.all_maps.values())  # one error scale for all rows
+        fig = _figure(11.5, 2.5 * len(self.models))
+        axes = fig.subplots(len(self.models), 5, squeeze=False)
+        for row, (name, maps) in zip(axes, self.all_maps.items()):
+            colours = fx.prediction_colours(maps, self._position_mean(self.models[name]))
+            plots.plot_masks(row[0], image, self.masks, title=f"{name}: masks")
+            row[0].title.set_fontsize(9)
+            fp.plot_similarity_map(row[1], image, maps.cos, title=f"cosine (mean {maps.mean_cos:.2f})")
+            fp.plot_error_map(row[2], image, maps.err, vmax=vmax,
+                              title=f"squared error / feature (mean {maps.mean_err:.2f})")
+            fp.plot_pca_rgb(row[3], colours["true"], title="true targets, PCA→RGB")
+            fp.plot_pca_rgb(row[4], colours["pred"], title="predicted, same colours")
+        fig.subplots_adjust(left=0.01, right=0.99, wspace=0.3, hspace=0.3, top=0.9, bottom=0.03)
         self.image_widget.value = figure_png(fig)
         self.summary.value = " &nbsp;·&nbsp; ".join(
-            f"<b>{name}</b>: mean cosine {m.mean_cos:.3f}, mean squared error {m.mean_err:.3f}"
-            for name, m in all_maps.items()) + f" &nbsp;·&nbsp; {K} target patches"
+            f"<b>{name}</b>: mean cosine {m.mean_cos:.3f}, mean squared error per feature {m.mean_err:.3f}"
+            for name, m in self.all_maps.items()) + f" &nbsp;·&nbsp; {len(self.maps.patch)} target patches"
 
 
-def prediction_explorer(trained_model: IJEPA, untrained_model: Optional[IJEPA], images: torch.Tensor,
-                        cfg: Config, size_px: int = 1150) -> PredictionExplorer:
-    """Compare the predictor's output with the target encoder's on one image.
+def prediction_explorer(trained_model: IJEPA | Mapping[str, IJEPA], untrained_model: Optional[IJEPA],
+                        images: torch.Tensor, cfg: Config, size_px: int = 1150) -> PredictionExplorer:
+    """Compare the predictor's output with the target encoder's on one image, trained and untrained model in
+    two rows (same image, same masks).
 
     Controls: `index` (which of `images`), `seed` and `resample` (new masks), `block` (one target block or
-    all), `model` ('trained' / 'untrained': the same image and masks through the other checkpoint). The figure
-    shows the masks, the cosine-similarity and error maps, and PCA->RGB of the true and the predicted target
-    features in shared colours (after `features.remove_position` with the mean over `images`); the summary
-    line gives both checkpoints' mean cosine and error.
+    all). Each row shows the masks, the cosine-similarity map, the squared-error map (error per feature, on
+    one colour scale for all rows) and PCA->RGB of the true and the predicted target features in shared
+    colours (after `features.remove_position` with the mean over `images`); the summary line gives each
+    model's mean cosine and squared error.
 
     Args:
+        trained_model: a model, or a mapping {row name: model} (then `untrained_model` is ignored).
+        untrained_model: e.g. `untrained_model(cfg)`; None shows the trained model alone.
         images: uint8 (N, 3, H, W) at `cfg.model.img_size`, normalised with `cfg.data`'s statistics.
-        untrained_model: e.g. `untrained_model(cfg)`; None hides the comparison.
     """
     return PredictionExplorer(trained_model, untrained_model, images, cfg, size_px)
 
@@ -157,78 +167,78 @@ def prediction_explorer(trained_model: IJEPA, untrained_model: Optional[IJEPA], 
 # -- notebook 05: the embedding explorer ---------------------------------------------------------------
 
 class EmbeddingExplorer(_App):
-    """PCA and t-SNE of pooled target-encoder features, coloured by class. See `embedding_explorer`.
-    Keeps `xy` ({'pca': (n, 2), 'tsne': (n, 2)}) of the last redraw."""
+    """PCA and t-SNE of pooled target-encoder features, coloured by class, one row per model. See
+    `embedding_explorer`. Keeps `xy` ({model name: {'pca': (n, 2), 'tsne': (n, 2)}}) of the last redraw."""
 
     def __init__(self, models: Mapping[str, IJEPA], images: torch.Tensor, labels, cfg: Config,
                  class_names: Optional[Sequence[str]] = None, points: int = 500, perplexity: float = 30,
                  size_px: int = 1000):
-        self.models, self.images, self.cfg = dict(models), images, cfg
+        self.models, self.images, self.cfg = _models(models), images, cfg
         self.labels = np.asarray(labels)
         self.class_names = class_names
         self.xy: dict = {}
         n = len(images)
         step = max(1, min(50, n // 10))
         c = {
-            "model": widgets.Dropdown(options=list(self.models), description="checkpoint"),
             "points": widgets.IntSlider(min(points, n), min=min(10, n), max=n, step=step, description="points",
                                         continuous_update=False),
             "perplexity": widgets.IntSlider(int(perplexity), min=2, max=100, description="perplexity",
                                             continuous_update=False),
         }
-        self._setup(c, [widgets.HBox([c["model"], c["points"], c["perplexity"]])], (size_px, 0))
+        self._setup(c, [widgets.HBox([c["points"], c["perplexity"]])], (size_px, 0))
         self.redraw()
 
     def _draw(self) -> None:
         c = self.controls
         n = c["points"].value
         t0 = time.perf_counter()
-        feats = fx.embed(self.models[c["model"].value], self.images[:n], self.cfg)  # (n, D), cached
+        feats = {name: fx.embed(m, self.images[:n], self.cfg) for name, m in self.models.items()}  # cached
         t1 = time.perf_counter()
-        self.xy = {"pca": fx.pca_2d(feats), "tsne": fx.tsne_2d(feats, perplexity=c["perplexity"].value)}
+        self.xy = {name: {"pca": fx.pca_2d(f), "tsne": fx.tsne_2d(f, perplexity=c["perplexity"].value)}
+                   for name, f in feats.items()}
         t2 = time.perf_counter()
-        fig = _figure(10, 4.2)
-        axes = fig.subplots(1, 2)
-        fp.plot_embedding_2d(axes[0], self.xy["pca"], self.labels[:n], self.class_names, legend=False,
-                             title="PCA (2 components)")
-        fp.plot_embedding_2d(axes[1], self.xy["tsne"], self.labels[:n], self.class_names,
-                             title=f"t-SNE (perplexity {c['perplexity'].value})")
-        fig.subplots_adjust(left=0.02, right=0.84, wspace=0.08, top=0.9, bottom=0.03)
+        fig = _figure(10, 4.0 * len(self.models))
+        axes = fig.subplots(len(self.models), 2, squeeze=False)
+        for row, (name, xy) in zip(axes, self.xy.items()):
+            fp.plot_embedding_2d(row[0], xy["pca"], self.labels[:n], self.class_names, legend=False,
+                                 title=f"{name}: PCA (2 components)")
+            fp.plot_embedding_2d(row[1], xy["tsne"], self.labels[:n], self.class_names,
+                                 title=f"{name}: t-SNE (perplexity {c['perplexity'].value})")
+        fig.subplots_adjust(left=0.02, right=0.84, wspace=0.08, hspace=0.15, top=0.95, bottom=0.02)
         self.image_widget.value = figure_png(fig)
-        self.summary.value = (f"{n} test images through the <b>{c['model'].value}</b> target encoder "
-                              f"(average-pooled): features {t1 - t0:.1f} s, PCA + t-SNE {t2 - t1:.1f} s "
-                              f"(both cached: moving back is instant)")
+        self.summary.value = (f"{n} test images through each target encoder (average-pooled): features "
+                              f"{t1 - t0:.1f} s, PCA + t-SNE {t2 - t1:.1f} s (both cached: moving back is instant)")
 
 
 def embedding_explorer(models: Mapping[str, IJEPA] | IJEPA, images: torch.Tensor, labels, cfg: Config,
                        class_names: Optional[Sequence[str]] = None, points: int = 500, perplexity: float = 30,
                        size_px: int = 1000) -> EmbeddingExplorer:
-    """PCA and t-SNE of average-pooled target-encoder features (what the paper evaluates), coloured by class.
+    """PCA and t-SNE of average-pooled target-encoder features (what the paper evaluates), coloured by class,
+    one row per model of `models` (e.g. {'trained': ..., 'untrained': ...}).
 
-    Controls: `model` (which checkpoint of `models`, e.g. {'trained': ..., 'untrained': ...}), `points` (the
-    first n of `images`), `perplexity` (t-SNE). Features and layouts are cached, so revisiting a setting is
-    instant. `images`: uint8 (N, 3, H, W); `labels`: (N,) class ids.
+    Controls: `points` (the first n of `images`), `perplexity` (t-SNE). Features and layouts are cached, so
+    revisiting a setting is instant. `images`: uint8 (N, 3, H, W); `labels`: (N,) class ids.
     """
-    if isinstance(models, IJEPA):
-        models = {"trained": models}
     return EmbeddingExplorer(models, images, labels, cfg, class_names, points, perplexity, size_px)
 
 
 # -- notebook 07: similarity search --------------------------------------------------------------------
 
 class SimilaritySearch(_App):
-    """Top-k gallery neighbours of a query image by cosine similarity of pooled target-encoder features.
-    See `similarity_search_app`. Keeps `gallery_feats` (N, D), `query` (the query image) and `result`
-    ((indices, scores) of the last search)."""
+    """Top-k gallery neighbours of a query image by cosine similarity of pooled target-encoder features, one
+    row per model. See `similarity_search_app`. Keeps `gallery_feats` ({model name: (N, D)}), `query` (the
+    query image), `results` ({model name: (indices, scores)}) and `result` (the first model's)."""
 
-    def __init__(self, model: IJEPA, gallery: torch.Tensor, cfg: Config, labels=None,
-                 class_names: Optional[Sequence[str]] = None, k: int = 8, size_px: int = 1100):
-        self.model, self.gallery, self.cfg = model, gallery, cfg
+    def __init__(self, models: IJEPA | Mapping[str, IJEPA], gallery: torch.Tensor, cfg: Config, labels=None,
+                 class_names: Optional[Sequence[str]] = None, k: int = 8, size_px: int = 1100,
+                 centre: bool = True):
+        self.models, self.gallery, self.cfg = _models(models), gallery, cfg
         self.labels = None if labels is None else np.asarray(labels)
         self.class_names = class_names
-        self.gallery_feats = fx.embed(model, gallery, cfg)  # (N, D), cached
+        self.gallery_feats = {name: fx.embed(m, gallery, cfg) for name, m in self.models.items()}  # cached
         self.uploaded: Optional[torch.Tensor] = None
         self.query: Optional[torch.Tensor] = None
+        self.results: dict = {}
         self.result = None
         c = {
             "source": widgets.ToggleButtons(options=["gallery"], value="gallery", description="query"),
@@ -237,9 +247,11 @@ class SimilaritySearch(_App):
             "upload": widgets.FileUpload(accept="image/*", multiple=False, description="upload"),
             "k": widgets.IntSlider(min(k, len(gallery) - 1), min=1, max=min(16, len(gallery) - 1),
                                    description="top k", continuous_update=False),
+            "centre": widgets.Checkbox(value=centre, description="centred cosine (subtract the gallery's mean)",
+                                       indent=False),
         }
         c["upload"].observe(self._on_upload, names="value")
-        panel = [widgets.HBox([c["source"], c["index"], c["upload"]]), c["k"]]
+        panel = [widgets.HBox([c["source"], c["index"], c["upload"]]), widgets.HBox([c["k"], c["centre"]])]
         self._setup(c, panel, (size_px, 0))
         self.redraw()
 
@@ -264,39 +276,47 @@ class SimilaritySearch(_App):
     def _draw(self) -> None:
         c = self.controls
         from_gallery = c["source"].value == "gallery"
-        if from_gallery:
-            i = c["index"].value
-            self.query, qfeat, exclude = self.gallery[i], self.gallery_feats[i], i
-        else:
-            self.query, exclude = self.uploaded, None
-            qfeat = fx.embed(self.model, self.uploaded[None], self.cfg)[0]
+        i = c["index"].value
+        self.query = self.gallery[i] if from_gallery else self.uploaded
         k = c["k"].value
-        self.result = fx.similarity_search(self.gallery_feats, qfeat, k=k, exclude=exclude)
-        qlabel = None if self.labels is None or not from_gallery else int(self.labels[c["index"].value])
-        fig = _figure(1.15 * (k + 1), 1.7)
-        fp.plot_retrieval(fig, self.query, self.gallery, *self.result, labels=self.labels,
-                          class_names=self.class_names, query_label=qlabel)
-        fig.subplots_adjust(left=0.01, right=0.99, wspace=0.1, top=0.72, bottom=0.02)
+        self.results = {}
+        for name, model in self.models.items():
+            feats = self.gallery_feats[name]
+            qfeat = feats[i] if from_gallery else fx.embed(model, self.uploaded[None], self.cfg)[0]
+            self.results[name] = fx.similarity_search(feats, qfeat, k=k, exclude=i if from_gallery else None,
+                                                      centre=c["centre"].value)
+        self.result = next(iter(self.results.values()))
+        qlabel = None if self.labels is None or not from_gallery else int(self.labels[i])
+        fig = _figure(1.15 * (k + 1), 1.8 * len(self.models))
+        grid = np.asarray(fig.subplots(len(self.models), k + 1, squeeze=False))
+        for row, (name, res) in zip(grid, self.results.items()):
+            fp.plot_retrieval(row, self.query, self.gallery, *res, labels=self.labels,
+                              class_names=self.class_names, query_label=qlabel, query_title=f"{name}: query")
+        fig.subplots_adjust(left=0.01, right=0.99, wspace=0.1, hspace=0.65, top=0.86, bottom=0.02)
         self.image_widget.value = figure_png(fig)
-        same = ""
-        if qlabel is not None:
-            hits = int((self.labels[self.result[0]] == qlabel).sum())
-            same = f" &nbsp;·&nbsp; {hits}/{k} neighbours share the query's class"
-        self.summary.value = (f"query: {'gallery image #' + str(c['index'].value) if from_gallery else 'your upload'}"
-                              f" &nbsp;·&nbsp; gallery of {len(self.gallery)} images &nbsp;·&nbsp; cosine of "
-                              f"the best match {float(self.result[1][0]):.3f}{same}")
+        kind = "centred cosine" if c["centre"].value else "cosine"
+        parts = []
+        for name, (idx, scores) in self.results.items():
+            hits = "" if qlabel is None else f", {int((self.labels[idx] == qlabel).sum())}/{k} share its class"
+            parts.append(f"<b>{name}</b>: best {kind} {float(scores[0]):.3f}{hits}")
+        where = f"gallery image #{i} (left out of its own results)" if from_gallery else "your upload"
+        self.summary.value = (f"query: {where} &nbsp;·&nbsp; gallery of {len(self.gallery)} images &nbsp;·&nbsp; "
+                              + " &nbsp;·&nbsp; ".join(parts))
 
 
-def similarity_search_app(model: IJEPA, gallery: torch.Tensor, cfg: Config, labels=None,
-                          class_names: Optional[Sequence[str]] = None, k: int = 8, size_px: int = 1100
-                          ) -> SimilaritySearch:
-    """Search a gallery for the images whose pooled target-encoder features are closest (cosine) to a query.
+def similarity_search_app(models: IJEPA | Mapping[str, IJEPA], gallery: torch.Tensor, cfg: Config, labels=None,
+                          class_names: Optional[Sequence[str]] = None, k: int = 8, size_px: int = 1100,
+                          centre: bool = True) -> SimilaritySearch:
+    """Search a gallery for the images whose pooled target-encoder features are closest (cosine) to a query,
+    one row per model (e.g. {'trained': ..., 'untrained': ...}; a single model is called 'trained').
 
     Controls: `source` ('gallery', or 'upload' once a file is uploaded), `index` (a gallery image as the
     query; it is left out of its own results), `upload` (an image file, centre-cropped and resized to the
-    model's input size), `k` (neighbours shown). `gallery`: uint8 (N, 3, H, W) at `cfg.model.img_size`.
+    model's input size; an upload of a gallery image finds that image, cosine 1), `k` (neighbours shown),
+    `centre` (subtract the gallery's mean feature before the cosine, see `features.common_share`).
+    `gallery`: uint8 (N, 3, H, W) at `cfg.model.img_size`.
     """
-    return SimilaritySearch(model, gallery, cfg, labels, class_names, k, size_px)
+    return SimilaritySearch(models, gallery, cfg, labels, class_names, k, size_px, centre)
 
 
 # -- the notebooks' model ------------------------------------------------------------------------------
@@ -305,11 +325,95 @@ FALLBACK_STEPS = 100  # a third of notebook 03's run: the stand-in should cost m
 
 def untrained_model(cfg: Config, seed: Optional[int] = None) -> IJEPA:
     """A randomly initialised `IJEPA` of `cfg.model` (eval mode): the weights training started from when
-    `seed` is the run's `train.seed` (the default)."""
+    `seed` is the run's `train.seed` (the default), as the Trainer seeds them. Leaves the global RNG as it was."""
     from ijepa_viz.model import build_model
 
-    torch.manual_seed(cfg.train.seed if seed is None else seed)
-    return build_model(cfg.model, ema=cfg.train.ema).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed if seed is None else seed)
+        return build_model(cfg.model, ema=cfg.train.ema).eval()
+
+
+# the shipped model for each dataset the notebooks can show; the shapes one is what CI and offline use
+SHIPPED_MODELS = {"shapes": "shapes-cpu-demo", "cifar10": "cifar10-cpu-tiny"}
+SOURCES = ("shipped", "notebook03", "cifar10")
+
+
+def _shipped_description(name: str, model: IJEPA, cfg: Config) -> str:
+    card = getattr(model, "card", {}) or {}
+    said = card.get("description") or ""
+    facts = []
+    if card.get("steps") is not None:
+        facts.append(f"{card['steps']:,} steps")
+    if card.get("epochs") is not None:
+        facts.append(f"{float(card['epochs']):.1f} epochs")
+    if card.get("train_seconds") is not None:
+        facts.append(f"{float(card['train_seconds']) / 60:.1f} min of training")
+    trained = f", trained {', '.join(facts)}" if facts else ""
+    return (f"shipped weights {name!r}{' (' + said + ')' if said else ''}: ViT {cfg.model.embed_dim} wide, "
+            f"{cfg.model.depth} blocks, {cfg.model.img_size} px {cfg.data.name} images{trained}")
+
+
+def _cifar10_reachable(cfg: Config) -> Optional[str]:
+    """None when the CIFAR-10 test images can be loaded (on disk, or downloaded now), else why not."""
+    from ijepa_viz.data import load_uint8
+
+    try:
+        load_uint8(cfg.data, "test", cfg.model.img_size, limit=1)
+    except Exception as e:  # torchvision raises URLError, RuntimeError, OSError, ... when offline
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def feature_sources() -> dict[str, str]:
+    """The sources `feature_model` offers on this installation: {source: what it loads}. 'cifar10' only
+    appears when its shipped weights are installed (whether its images can be downloaded is checked on use)."""
+    from ijepa_viz.pretrained import shipped
+
+    have = shipped()
+    out = {}
+    if SHIPPED_MODELS["shapes"] in have:
+        out["shipped"] = f"the shipped model {SHIPPED_MODELS['shapes']!r}, trained on the built-in shapes (offline)"
+    out["notebook03"] = "the run you trained in notebook 03 (or a short run of its settings, trained on demand)"
+    if SHIPPED_MODELS["cifar10"] in have:
+        out["cifar10"] = (f"the shipped model {SHIPPED_MODELS['cifar10']!r}, on CIFAR-10 (its images are "
+                          f"downloaded by torchvision: needs the network once)")
+    return out
+
+
+def feature_model(source: str = "shipped", quick: bool = False, verbose: bool = True
+                  ) -> tuple[IJEPA, Config, str]:
+    """The model the feature notebooks (04, 05, 07) look at: (IJEPA in eval mode, its Config, a description).
+
+    source:
+        'shipped' (default): the weights shipped with the package for the built-in `shapes` dataset
+            (`SHIPPED_MODELS['shapes']`), offline; the same in quick mode and in CI.
+        'notebook03': the run you trained in notebook 03 (`notebook_model(quick)`: its checkpoint, or a short
+            fallback run of its settings trained here when it is missing).
+        'cifar10': the shipped CIFAR-10 model, when it is installed and torchvision can load CIFAR-10 (on
+            disk or downloaded); a clear error otherwise. Never needed offline.
+    The description names the weights and how long they were trained (from the model card), for printing.
+    Compare with `untrained_model(cfg)`: the same network before training.
+    """
+    from ijepa_viz.pretrained import load_shipped, shipped
+
+    if source not in SOURCES:
+        raise ValueError(f"source={source!r}: choose one of {', '.join(repr(s) for s in SOURCES)}")
+    if source == "notebook03":
+        model, cfg = notebook_model(quick=quick, verbose=verbose)
+        return model, cfg, (f"notebook 03's run: ViT {cfg.model.embed_dim} wide, {cfg.model.depth} blocks, "
+                            f"{cfg.model.img_size} px {cfg.data.name} images, {cfg.train.steps:,} steps")
+    name = SHIPPED_MODELS["shapes" if source == "shipped" else "cifar10"]
+    if name not in shipped():
+        have = ", ".join(shipped()) or "none"
+        raise ValueError(f"source={source!r} needs the shipped model {name!r}, which this installation does not "
+                         f"have (shipped: {have}); use source='notebook03'")
+    model, cfg = load_shipped(name)
+    if source == "cifar10":
+        why = _cifar10_reachable(cfg)
+        if why is not None:
+            raise RuntimeError(f"source='cifar10' needs the CIFAR-10 images, which torchvision could not load "
+                               f"or download here ({why}); use source='shipped', which works offline")
+    return model, cfg, _shipped_description(name, model, cfg)
 
 
 def notebook_model(quick: bool = False, verbose: bool = True) -> tuple[IJEPA, Config]:

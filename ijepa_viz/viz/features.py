@@ -3,17 +3,22 @@
 Read top to bottom:
 
 1. Inputs: `as_input` turns uint8 images into the normalised floats the encoder expects, `to_uint8` back;
-   `resize` changes the resolution of uint8 images.
+   `resize` changes the resolution of uint8 images; `new_shapes` renders `shapes` images that are in no split
+   of the dataset, and `drawn_picture` draws a picture unlike any of them (queries from outside the data).
 2. Embeddings: `embed` runs the target (or context) encoder over a set of images, average-pooled (what the
    paper evaluates) or per patch. Cached: the same model weights on the same images are encoded once.
+   Two numbers describe a set of features before any picture: `position_share` (how much of the patch
+   features' variance is the patch's position) and `common_share` / `mean_cosine` (how much of every pooled
+   feature is one vector they all share, which pushes every cosine towards 1).
 3. Projections for plotting: `pca_rgb` (3 principal components of patch features as colours; with
    `remove_position` first, the content rather than the position), `pca_2d` and `tsne_2d` (cached) of
    pooled features.
 4. Predictions: `prediction_maps` runs the I-JEPA stages on one image and compares the predictor's output
-   with the target encoder's, patch by patch, on the grid.
-5. Retrieval: `patch_bank` + `nearest_patches` show the real image patches whose target embeddings lie
-   closest to a prediction ("what the predictor thinks is there": a cheap stand-in for the paper's
-   generative decoder, which was not released); `similarity_search` ranks a gallery by cosine similarity.
+   with the target encoder's, patch by patch, on the grid; `prediction_colours` paints both in one PCA.
+5. Retrieval: `patch_bank` + `nearest_patches` look up the real image patches whose target embeddings lie
+   closest to a prediction (a cheap stand-in for the paper's generative decoder, which was not released), and
+   `retrieval_pixel_gaps` measures whether those patches look like the hidden one at all;
+   `similarity_search` ranks a gallery by cosine similarity (optionally centred on the gallery's mean).
 
 Tensors that come from the model (`embed`, `prediction_maps`, `patch_bank`) are CPU float32 torch tensors;
 whatever goes to scikit-learn or matplotlib (projections, maps, rankings) is numpy.
@@ -31,13 +36,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ijepa_viz.config import Config
-from ijepa_viz.masks import Masks
+from ijepa_viz.masks import MaskCollator, Masks
 from ijepa_viz.model import IJEPA, VisionTransformer, gather_tokens
 
 __all__ = [
-    "as_input", "to_uint8", "resize", "encoder_of", "embed", "clear_cache",
+    "as_input", "to_uint8", "resize", "new_shapes", "drawn_picture", "NEW_SHAPES_SEED",
+    "encoder_of", "embed", "clear_cache", "position_mean", "position_share", "common_share", "mean_cosine",
     "pca_rgb", "remove_position", "pca_2d", "tsne_2d", "to_grid", "PredictionMaps", "prediction_maps",
-    "PatchBank", "patch_bank", "Neighbours", "nearest_patches", "similarity_search",
+    "prediction_colours", "PatchBank", "patch_bank", "patch_pixels", "Neighbours", "nearest_patches",
+    "retrieval_pixel_gaps", "similarity_search",
 ]
 
 
@@ -152,6 +159,44 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return x[0] if one else x
 
 
+NEW_SHAPES_SEED = 2718  # the dataset always renders with seed 0: images of this seed are in no split of it
+
+
+def new_shapes(n: int, img_size: int, seed: int = NEW_SHAPES_SEED, start: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` new `shapes` images: (uint8 (n, 3, S, S), labels (n,)).
+
+    Drawn by the dataset's own renderer (`data.render_shapes`, so the same kind of content and the same
+    classes), but with a seed the dataset never uses: none of them is a training, test or gallery image.
+    """
+    from ijepa_viz.data import render_shapes
+
+    if seed == 0:
+        raise ValueError("seed 0 renders the dataset's own images; pick another seed for new ones")
+    return render_shapes(np.arange(start, start + n), img_size, seed=seed, split="test")
+
+
+def drawn_picture(img_size: int) -> torch.Tensor:
+    """A small picture drawn with a few PIL strokes, unlike any `shapes` image: a house (a square and a
+    triangular roof), a round sun and a strip of grass on a sky-blue background. uint8 (3, S, S).
+
+    It belongs to none of the dataset's classes: a query from outside the data, with no right answer.
+    """
+    from PIL import Image, ImageDraw
+
+    big = 8 * img_size  # drawn large, then shrunk (antialiased)
+    u = big / 100  # drawing units: the picture is 100 x 100
+    img = Image.new("RGB", (big, big), (150, 200, 240))
+    d = ImageDraw.Draw(img)
+    d.rectangle([0, 80 * u, big, big], fill=(70, 160, 60))  # grass
+    d.ellipse([68 * u, 8 * u, 90 * u, 30 * u], fill=(250, 210, 40))  # sun
+    d.rectangle([22 * u, 50 * u, 58 * u, 84 * u], fill=(200, 70, 50))  # walls
+    d.polygon([(16 * u, 52 * u), (40 * u, 28 * u), (64 * u, 52 * u)], fill=(110, 60, 40))  # roof
+    d.rectangle([35 * u, 64 * u, 45 * u, 84 * u], fill=(60, 40, 30))  # door
+    img = img.resize((img_size, img_size), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
 # -- 2. embeddings -----------------------------------------------------------------------------------
 
 def encoder_of(model: IJEPA | VisionTransformer, which: str = "target") -> VisionTransformer:
@@ -217,6 +262,53 @@ def embed(model: IJEPA | VisionTransformer, images: torch.Tensor, cfg: Config | 
     stats = tuple(_stats(cfg)) if images.dtype == torch.uint8 and cfg is not None else None
     key = ("embed", _digest_module(encoder), _digest_array(images), stats, pool, normalize)
     return _EMBED_CACHE.get(key, compute)
+
+
+def position_mean(model: IJEPA, images: torch.Tensor, cfg: Config | str | None = None) -> torch.Tensor:
+    """Each patch position's mean target feature over `images`, in the space the predictor predicts into
+    (LayerNorm-ed target-encoder features): float32 (P, D). Subtract it to see content, not position."""
+    return embed(model, images, cfg, pool="none", normalize=True).mean(0)
+
+
+def position_share(patch_feats) -> float:
+    """How much of the variance of patch features (N, P, D) is the patch's position: the variance of the
+    per-position means over all patch features' variance, in [0, 1].
+
+    1 means every image gives the same feature at a position (the features are a map of coordinates);
+    0 means the position says nothing and all variation is the image's content.
+    """
+    x = torch.as_tensor(patch_feats).float()
+    if x.ndim != 3 or x.shape[0] < 2:
+        raise ValueError(f"position_share needs (N, P, D) patch features of N >= 2 images, got {tuple(x.shape)}")
+    flat = x.reshape(-1, x.shape[-1])
+    total = ((flat - flat.mean(0)) ** 2).sum(-1).mean()
+    pos = x.mean(0)  # (P, D)
+    between = ((pos - flat.mean(0)) ** 2).sum(-1).mean()
+    return float(between / total.clamp_min(1e-12))
+
+
+def common_share(feats) -> float:
+    """The part of pooled features (N, D) that all images share: |mean|^2 / mean(|f|^2), in [0, 1].
+
+    Near 1, every feature is mostly the same vector (the mean) plus a small image-specific part, so any two
+    images have a cosine near 1 and raw cosine scores all look alike; centring (subtracting the mean) removes
+    the shared part.
+    """
+    x = torch.as_tensor(feats).float().reshape(-1, torch.as_tensor(feats).shape[-1])
+    return float(x.mean(0).pow(2).sum() / x.pow(2).sum(-1).mean().clamp_min(1e-12))
+
+
+def mean_cosine(feats, centre: bool = False) -> float:
+    """The average cosine similarity between two different images' features (N, D) (exact, over all pairs),
+    after subtracting the mean feature when `centre` is True."""
+    x = torch.as_tensor(feats).float()
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("mean_cosine needs at least 2 feature vectors")
+    if centre:
+        x = x - x.mean(0)
+    u = F.normalize(x.double(), dim=-1)
+    return float((u.sum(0).pow(2).sum() - n) / (n * (n - 1)))
 
 
 # -- 3. projections ----------------------------------------------------------------------------------
@@ -416,6 +508,23 @@ def prediction_maps(model: IJEPA, image: torch.Tensor, masks: Masks, index: Opti
                           masks=m.to("cpu"))
 
 
+def prediction_colours(maps: PredictionMaps, pos=None) -> dict:
+    """True and predicted target features of one image in the same colours (`pca_rgb`).
+
+    One PCA, fitted on all the image's true target features minus `pos` (each position's mean, e.g.
+    `position_mean`; None subtracts nothing), colours the true and the predicted features, so equal colours
+    mean similar features. Returns {'all': (P, 3) every patch's true feature, 'true': (H, W, 3) and 'pred':
+    (H, W, 3) on the patch grid, NaN off the targets}.
+    """
+    g = maps.masks.grid
+    pos_all = 0 if pos is None else torch.as_tensor(pos)
+    at = 0 if pos is None else pos_all[torch.as_tensor(maps.patch)]
+    fit = maps.all_targets - pos_all
+    K = len(maps.patch)
+    rgb = pca_rgb(torch.cat([maps.target - at, maps.pred - at]), fit_on=fit)
+    return {"all": pca_rgb(fit), "true": to_grid(rgb[:K], maps.patch, g), "pred": to_grid(rgb[K:], maps.patch, g)}
+
+
 # -- 5. retrieval ------------------------------------------------------------------------------------
 
 @dataclass
@@ -444,12 +553,19 @@ def patch_bank(model: IJEPA, images: torch.Tensor, cfg: Config | str | None = No
     images = torch.as_tensor(images)
     feats = embed(model, images, cfg, which="target", pool="none", normalize=True, batch_size=batch_size)
     N, P, D = feats.shape
-    pix = to_uint8(images, cfg)  # (N, 3, H, W)
-    g = int(round(P ** 0.5))
-    p = pix.shape[-1] // g
-    patches = pix.reshape(N, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(N * P, p, p, 3)
-    return PatchBank(feats=feats.reshape(N * P, D), pixels=patches.numpy(),
+    patches = patch_pixels(images, int(round(P ** 0.5)), cfg)  # (N, P, p, p, 3)
+    return PatchBank(feats=feats.reshape(N * P, D), pixels=patches.reshape(N * P, *patches.shape[2:]),
                      image=np.repeat(np.arange(N), P), patch=np.tile(np.arange(P), N))
+
+
+def patch_pixels(images: torch.Tensor, grid: int, cfg: Config | str | None = None) -> np.ndarray:
+    """The pixels of every patch: images (N, 3, H, W) (uint8, or normalised float with `cfg`) cut on a
+    grid x grid lattice -> uint8 (N, grid * grid, p, p, 3), patches in raster order."""
+    pix = to_uint8(torch.as_tensor(images), cfg)
+    if pix.ndim == 3:
+        pix = pix[None]
+    N, p = pix.shape[0], pix.shape[-1] // grid
+    return pix.reshape(N, 3, grid, p, grid, p).permute(0, 2, 4, 3, 5, 1).reshape(N, grid * grid, p, p, 3).numpy()
 
 
 @dataclass
@@ -490,19 +606,56 @@ def nearest_patches(pred, bank: PatchBank, k: int = 5, exclude_image: Optional[i
     return Neighbours(index=index, score=score, pixels=bank.pixels[index])
 
 
-def similarity_search(gallery_feats, query_feat, k: int = 8, exclude: Optional[int] = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def retrieval_pixel_gaps(model: IJEPA, images: torch.Tensor, bank: PatchBank, cfg: Config, k: int = 6,
+                         seed: int = 0) -> dict[str, np.ndarray]:
+    """Do the bank patches nearest to a prediction look like the hidden patch? A number, not an impression.
+
+    For every target patch of every image (masks from cfg.mask, image i with step i of a collator seeded
+    `seed`), the mean absolute pixel difference (0-255 grey levels, over the patch's pixels and channels)
+    between the true patch and each of three sets of k bank patches, averaged over the k:
+
+    * 'prediction': the k nearest (cosine) to the predictor's output;
+    * 'truth': the k nearest to the true target feature (what this lookup can do at best);
+    * 'random': k bank patches drawn at random (what it does knowing nothing).
+
+    `bank` must come from the same model (`patch_bank(model, ...)`). Returns {name: (n_target_patches,)}
+    float arrays, one entry per target patch, in the same order for all three (so they can be paired).
+    """
+    images = torch.as_tensor(images)
+    collator = MaskCollator(cfg.mask, cfg.grid_size, seed=seed)
+    rng = np.random.default_rng(seed)
+    pix = patch_pixels(images, cfg.grid_size, cfg).astype(np.float32)  # (N, P, p, p, 3)
+    out: dict[str, list] = {"prediction": [], "truth": [], "random": []}
+    for i in range(images.shape[0]):
+        maps = prediction_maps(model, images[i], collator.sample(1, step=i), cfg=cfg)
+        truth = pix[i, maps.patch][:, None]  # (K, 1, p, p, 3)
+        picked = {"prediction": nearest_patches(maps.pred, bank, k).pixels,
+                  "truth": nearest_patches(maps.target, bank, k).pixels,
+                  "random": bank.pixels[rng.integers(0, len(bank), size=(len(maps.patch), k))]}
+        for name, patches in picked.items():
+            out[name].append(np.abs(patches.astype(np.float32) - truth).mean(axis=(1, 2, 3, 4)))
+    return {name: np.concatenate(v) for name, v in out.items()}
+
+
+def similarity_search(gallery_feats, query_feat, k: int = 8, exclude: Optional[int] = None,
+                      centre: bool | torch.Tensor = False) -> tuple[np.ndarray, np.ndarray]:
     """Rank a gallery by cosine similarity to a query.
 
     Args:
         gallery_feats: (N, D) features. query_feat: (D,) or (Q, D).
         exclude: a gallery index to leave out (the query itself, when it comes from the gallery).
+        centre: subtract a vector from gallery and query features before the cosine: True for the gallery's
+            mean feature (the part every image shares, see `common_share`), or a (D,) vector. Centred
+            cosines spread over [-1, 1] where raw ones may all sit near 1.
 
     Returns:
         (indices, scores): int64 and float32 arrays of shape (k,) for one query, (Q, k) for several; best first.
     """
-    q = torch.as_tensor(np.asarray(query_feat) if not torch.is_tensor(query_feat) else query_feat)
-    g = torch.as_tensor(np.asarray(gallery_feats) if not torch.is_tensor(gallery_feats) else gallery_feats)
+    q = torch.as_tensor(np.asarray(query_feat) if not torch.is_tensor(query_feat) else query_feat).float()
+    g = torch.as_tensor(np.asarray(gallery_feats) if not torch.is_tensor(gallery_feats) else gallery_feats).float()
+    if centre is not False and centre is not None:
+        mean = g.mean(0) if centre is True else torch.as_tensor(centre).float()
+        q, g = q - mean, g - mean
     banned = None
     if exclude is not None:
         banned = torch.zeros(g.shape[0], dtype=torch.bool)
