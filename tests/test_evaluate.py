@@ -2,6 +2,7 @@
 metrics and the evaluation table of a tiny checkpoint trained on the built-in shapes data."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ijepa_viz import evaluate as E
 from ijepa_viz.config import get_preset, override
 from ijepa_viz.masks import MaskCollator
 from ijepa_viz.model import IJEPA
+
+E = importlib.import_module("ijepa_viz.evaluate")  # the module (the package's lazy `evaluate` is the function)
 
 TINY_MODEL = ["model.img_size=16", "model.patch_size=2", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
               "model.pred_embed_dim=16", "model.pred_depth=1", "mask.min_keep=2"]
@@ -56,22 +58,166 @@ def test_probes_are_at_chance_on_noise(unrelated):
     assert abs(E.knn_classifier(*unrelated, num_classes=4) - chance) < 0.1
 
 
-def test_linear_probe_chooses_C_without_looking_at_the_test_set(separable, monkeypatch):
+@pytest.mark.parametrize("backend", E.LINEAR_BACKENDS)
+def test_linear_probe_chooses_C_without_looking_at_the_test_set(separable, monkeypatch, backend):
     train_x, train_y, test_x, test_y = separable
     Cs = (1e-4, 1e-2, 1.0)
-    clean = E.linear_probe(train_x, train_y, test_x, test_y, Cs=Cs)
+    clean = E.linear_probe(train_x, train_y, test_x, test_y, Cs=Cs, backend=backend)
     garbage_x, garbage_y = noise(len(test_x), 5, test_x.shape[1], seed=7)
-    dirty = E.linear_probe(train_x, train_y, garbage_x * 100, garbage_y, Cs=Cs)
+    dirty = E.linear_probe(train_x, train_y, garbage_x * 100, garbage_y, Cs=Cs, backend=backend)
     assert dirty["C"] == clean["C"] and dirty["val_accuracy"] == clean["val_accuracy"]
     assert dirty["accuracy"] < 0.5 < clean["accuracy"]  # the test set was only used for the final score
 
-    # Every array the probe scores during the C search comes from the training features.
+    # The test features are touched only after the last fit: every array scored before comes from training.
+    events = []
+    if backend == "sklearn":
+        from sklearn.linear_model import LogisticRegression
+
+        real_score = LogisticRegression.score
+        monkeypatch.setattr(LogisticRegression, "score",
+                            lambda self, x, y: events.append(("score", len(x))) or real_score(self, x, y))
+        E.linear_probe(train_x, train_y, test_x, test_y, Cs=Cs, backend=backend)
+        assert events == [("score", 40)] * len(Cs) + [("score", len(test_x))]  # 10% of 400 held out, then test
+    else:
+        real_design, real_lbfgs = E._Design, E._lbfgs
+        monkeypatch.setattr(E, "_Design", lambda x: events.append(("features", len(x))) or real_design(x))
+        monkeypatch.setattr(E, "_lbfgs", lambda *a, **k: events.append(("fit",)) or real_lbfgs(*a, **k))
+        E.linear_probe(train_x, train_y, test_x, test_y, Cs=Cs, backend=backend)
+        assert events == [("features", 400)] + [("fit",)] * (len(Cs) + 1) + [("features", len(test_x))]
+
+
+def test_linear_probe_rejects_an_unknown_backend(separable):
+    with pytest.raises(ValueError, match="backend"):
+        E.linear_probe(*separable, backend="liblinear")
+
+
+# -- the torch probe against scikit-learn on image features ------------------------------------------------
+
+def render_outlines(n: int, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images uint8 (n, 3, size, size) of 8 classes of light shapes (disc, square, bars, cross, ring, triangle,
+    diagonal) shifted by up to 2 px, in a random colour on a random dark background, with pixel noise: real
+    pictures that a linear probe on pixels classifies well but not perfectly."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 8
+    c = torch.arange(size) - (size - 1) / 2
+    v, u = torch.meshgrid(c, c, indexing="ij")
+    shift = torch.randint(-2, 3, (n, 2), generator=g).float()
+    v, u = v - shift[:, :1, None], u - shift[:, 1:, None]  # (n, size, size)
+    r = (u ** 2 + v ** 2).sqrt()
+    masks = torch.stack([r < 4, (u.abs() < 3.5) & (v.abs() < 3.5), (v.abs() < 1.5) & (u.abs() < 5),
+                         (u.abs() < 1.5) & (v.abs() < 5), ((u.abs() < 1.2) | (v.abs() < 1.2)) & (r < 5),
+                         (r > 2.5) & (r < 4.5), (v > -3) & (v < 4) & (u.abs() < (v + 3) / 2), (u - v).abs() < 1.5],
+                        dim=1)  # (n, 8, size, size)
+    mask = masks[torch.arange(n), y].float()[:, None]
+    fg, bg = 0.5 + 0.5 * torch.rand(n, 3, 1, 1, generator=g), 0.4 * torch.rand(n, 3, 1, 1, generator=g)
+    images = mask * fg + (1 - mask) * bg + 0.1 * torch.randn(n, 3, size, size, generator=g)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+
+def _vit_features(images: torch.Tensor, labels: torch.Tensor, stats) -> torch.Tensor:
+    """Average-pooled features of a randomly initialised ViT (16 px, 4 px patches, 64 dims, 2 blocks)."""
+    cfg = override(get_preset("cpu-tiny"), ["model.img_size=16", "model.patch_size=4", "model.embed_dim=64",
+                                            "model.depth=2", "model.num_heads=2", "model.pred_embed_dim=16",
+                                            "model.pred_depth=1"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = IJEPA(cfg.model).target_network
+    return E.extract_features(encoder, E._EvalBatches(images, labels, 400, 16, stats), progress=False)[0]
+
+
+@pytest.fixture(scope="module")
+def image_features():
+    """Train and test features of two real image sets, each as raw uint8 pixels and as ViT features:
+    'outlines' (rendered here, 8 classes) and 'shapes' (the built-in dataset at 16 px, 10 classes)."""
+    from ijepa_viz.data import dataset_stats, load_uint8
+
+    cfg = override(get_preset("cpu-tiny"), ["data.name=shapes", "data.shapes_train_size=1500",
+                                            "data.shapes_test_size=800"])
+    sets = {"outlines": (render_outlines(1600, seed=0), render_outlines(800, seed=1)),
+            "shapes": (load_uint8(cfg.data, "train", 16), load_uint8(cfg.data, "test", 16))}
+    out = {}
+    for name, ((train_img, train_y), (test_img, test_y)) in sets.items():
+        stats = dataset_stats("shapes")
+        out[f"{name} pixels"] = (train_img.flatten(1), train_y, test_img.flatten(1), test_y)
+        out[f"{name} vit"] = (_vit_features(train_img, train_y, stats), train_y,
+                              _vit_features(test_img, test_y, stats), test_y)
+    return out
+
+
+@pytest.mark.parametrize("which, Cs", [("outlines pixels", None), ("outlines vit", None),
+                                       ("shapes pixels", (0.1,)), ("shapes vit", (0.1,))])
+def test_torch_probe_agrees_with_sklearn_on_image_features(image_features, which, Cs, monkeypatch):
+    """The whole probe (C search on held-out training images, refit, test) against scikit-learn run to
+    convergence on the same features: within 1 accuracy point. (With its default tol=1e-4, scikit-learn stops
+    far from the minimum when classes are nearly separable.) 'shapes' at 16 px is near chance for both
+    feature sets, where the held-out accuracies of different Cs tie within rounding, so it is compared at
+    one C."""
     from sklearn.linear_model import LogisticRegression
 
-    seen, real_score = [], LogisticRegression.score
-    monkeypatch.setattr(LogisticRegression, "score", lambda self, x, y: seen.append(len(x)) or real_score(self, x, y))
-    E.linear_probe(train_x, train_y, test_x, test_y, Cs=Cs)
-    assert seen[:-1] == [40] * len(Cs) and seen[-1] == len(test_x)  # 10% of 400 held out, then the test set
+    feats = image_features[which]
+    kw = {} if Cs is None else {"Cs": Cs}
+    ours = E.linear_probe(*feats, **kw)
+    monkeypatch.setattr(E, "_logreg", lambda C, max_iter, warm_start=False: LogisticRegression(
+        C=C, max_iter=max_iter, warm_start=warm_start, tol=1e-8))
+    reference = E.linear_probe(*feats, backend="sklearn", max_iter=10000, **kw)
+    assert abs(ours["accuracy"] - reference["accuracy"]) <= 0.01, (ours, reference)
+    if Cs is None:
+        assert ours["C"] == reference["C"], (ours, reference)
+        assert abs(ours["val_accuracy"] - reference["val_accuracy"]) <= 0.01, (ours, reference)
+        assert ours["accuracy"] > 0.25  # far above chance (1/8): the comparison means something
+
+
+@pytest.mark.parametrize("which, C", [("outlines pixels", 0.01), ("outlines pixels", 10.0), ("outlines vit", 1.0)])
+def test_torch_probe_minimises_sklearns_objective(image_features, which, C, monkeypatch):
+    """At one C both solvers minimise sum CE + ||W||^2 / (2C): the torch solution is at least as good as a
+    converged scikit-learn one, by that objective, and they classify the test images alike."""
+    from sklearn.linear_model import LogisticRegression
+
+    train_x, train_y, test_x, test_y = image_features[which]
+    fits, real_lbfgs = [], E._lbfgs
+
+    def spy(fun, W, b, *args, **kwargs):  # keeps the objective and the solution of each fit
+        fits.append((fun, real_lbfgs(fun, W, b, *args, **kwargs)))
+        return fits[-1][1]
+
+    monkeypatch.setattr(E, "_lbfgs", spy)
+    ours = E.linear_probe(train_x, train_y, test_x, test_y, Cs=(C,))
+    x_train, x_test = E._standardised(train_x.float().numpy(), test_x.float().numpy())
+    clf = LogisticRegression(C=C, max_iter=10000, tol=1e-8).fit(x_train, train_y.numpy())
+    assert abs(ours["accuracy"] - clf.score(x_test, test_y.numpy())) <= 0.01
+
+    # The same objective (standardised with the whole training set's mean and std, as StandardScaler does).
+    (objective, (W, b, _, _)), = fits
+    theirs = objective(torch.as_tensor(clf.coef_.T, dtype=torch.float32),
+                       torch.as_tensor(clf.intercept_, dtype=torch.float32))[0]
+    assert objective(W, b)[0] <= theirs * (1 + 1e-4)
+
+
+def test_int8_products_are_exact(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (300, 40), dtype=torch.uint8, generator=g)
+    m, r = torch.randn(40, 7, generator=g), torch.randn(300, 7, generator=g)
+    monkeypatch.setattr(E, "_INT8_SPAN", 128)  # exercise the chunked sums of tmm
+    X = E._Design(x)
+    if not X.int8:
+        pytest.skip("torch._int_mm is not available here")
+    xs = x.double() - 128
+    for ours, exact in ((X.mm(m), xs @ m.double()), (X.tmm(r), xs.T @ r.double())):
+        assert (ours.double() - exact).abs().max() <= 1e-6 * exact.abs().max()  # float32's rounding, no more
+    mean, std = X.moments(torch.arange(0, 300, 2))
+    assert torch.allclose(mean.double(), x[::2].double().mean(0), atol=1e-4)
+    assert torch.allclose(std.double(), x[::2].double().std(0, correction=0), rtol=1e-5)
+
+
+def test_probes_give_the_same_answer_for_uint8_and_float_pixels(image_features, monkeypatch):
+    train_x, train_y, test_x, test_y = image_features["outlines pixels"]
+    as_float = (train_x.float() / 255, train_y, test_x.float() / 255, test_y)
+    assert E.knn_classifier(train_x, train_y, test_x, test_y) == E.knn_classifier(*as_float)
+    exact = E.linear_probe(train_x, train_y, test_x, test_y, Cs=(0.01, 0.1))
+    floats = E.linear_probe(*as_float, Cs=(0.01, 0.1))
+    assert exact["C"] == floats["C"] and abs(exact["accuracy"] - floats["accuracy"]) <= 0.005
+    monkeypatch.setattr(E, "_INT_MM", False)  # a torch without int8 matmul takes the float path
+    assert E.linear_probe(train_x, train_y, test_x, test_y, Cs=(0.01, 0.1))["accuracy"] == floats["accuracy"]
 
 
 def test_knn_uses_the_k_nearest_neighbours():
@@ -140,6 +286,17 @@ def test_extract_features_limit_and_last_layer(tiny_model):
     assert torch.allclose(both[:, 32:], x, atol=1e-5)  # the last of the n_last layers is the output
 
 
+def test_extract_keeps_patches_from_the_same_forward_pass(tiny_model):
+    model, _ = tiny_model
+    keep = np.array([1, 5, 11])
+    kw = dict(progress=False, precision="fp32")
+    pooled, labels, patches = E._extract(model.target_network, _batches(), keep_patches=keep, **kw)
+    ref_pooled, ref_labels = E.extract_features(model.target_network, _batches(), **kw)
+    ref_patches, _ = E.extract_features(model.target_network, _batches(), pool="none", **kw)
+    assert torch.allclose(pooled, ref_pooled, atol=1e-6) and torch.equal(labels, ref_labels)
+    assert patches.shape == (3, 16, 32) and torch.allclose(patches, ref_patches[keep], atol=1e-6)
+
+
 def test_prediction_metrics_are_finite(tiny_model):
     model, cfg = tiny_model
     cfg = override(cfg, ["mask.min_keep=0"])
@@ -186,6 +343,15 @@ def test_evaluate_tiny_checkpoint(tiny_checkpoint):
         assert name in table
     assert "%" in table
 
+    timings = result["timings"]  # seconds per phase, in the order they ran
+    assert list(timings)[:3] == ["load checkpoint", "images", "features: ijepa (target encoder)"]
+    for phase in ("linear", "knn"):
+        assert all(f"{phase}: {name}" in timings for name in names)
+    assert all(v >= 0 for v in timings.values()) and timings["total"] == result["seconds"]
+    assert sum(v for k, v in timings.items() if k != "total") <= timings["total"]
+    lines = E.format_timings(result).splitlines()
+    assert len(lines) == len(timings) + 1 and any(line.split()[:3] == ["features:", "random", "init"] for line in lines)
+
 
 def test_evaluate_model_with_limits_and_one_probe(tiny_checkpoint):
     from ijepa_viz.train import load_model
@@ -200,6 +366,19 @@ def test_evaluate_model_with_limits_and_one_probe(tiny_checkpoint):
         E.evaluate(model=model, cfg=cfg, probes=("svm",))
     with pytest.raises(ValueError, match="cfg"):
         E.evaluate(model=model)
+
+
+def test_evaluate_streams_a_dataset_that_is_not_held_in_memory(tiny_checkpoint):
+    """With data.in_memory=false the encoders read the DataLoader path; the rows are the same kind."""
+    from ijepa_viz.train import load_model
+
+    model, cfg = load_model(tiny_checkpoint[0])
+    streamed = E.evaluate(model=model, cfg=override(cfg, ["data.in_memory=false"]), progress=False)
+    in_memory = E.evaluate(model=model, cfg=cfg, progress=False)
+    assert streamed["n_train"] == 64 and streamed["n_test"] == 32
+    for a, b in zip(streamed["rows"], in_memory["rows"]):
+        assert a["name"] == b["name"] and 0 <= a["linear"] <= 1 and 0 <= a["knn"] <= 1
+    assert streamed["rows"][2] == in_memory["rows"][2]  # raw pixels: the same uint8 images either way
 
 
 def test_prediction_metrics_on_held_out_images(tiny_checkpoint):
