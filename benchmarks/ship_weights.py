@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--limit-test", type=int, default=None)
     ap.add_argument("--folder", default=str(WEIGHTS_DIR))
+    ap.add_argument("--store-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change the config that ships (e.g. data.root=data/cifar10 instead of a local path)")
     args = ap.parse_args()
 
     ckpt = Path(args.checkpoint)
@@ -87,7 +89,7 @@ def main() -> None:
             "seconds": round(eval_s, 1),
         },
     }
-    path = save_shipped(model, cfg, args.name, card, folder=Path(args.folder))
+    path = save_shipped(model, override(cfg, args.store_set), args.name, card, folder=Path(args.folder))
     print(card["eval"]["summary"])
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {path.with_suffix('.json')}")
 
