@@ -1,7 +1,7 @@
 """The `ijepa-viz` command: train, eval, bench, convert, presets and demo.
 
     ijepa-viz train --preset cpu-tiny --data shapes --steps 200 --out runs/try
-    ijepa-viz train --preset cpu-tiny --data imagefolder --data-root ../shared/data/cifar10 --epochs 10
+    ijepa-viz train --preset cpu-tiny --data imagefolder --data-root path/to/cifar10 --epochs 10
     ijepa-viz eval --checkpoint runs/try/checkpoint.pt --probe linear,knn
     ijepa-viz presets
     ijepa-viz demo

@@ -430,7 +430,7 @@ def _cifar_gpu() -> Config:
     # preset (fitted to 6 epochs = 582 steps, warmup 29 steps, on a GPU) collapsed: RankMe 1.0, loss 0.0000,
     # linear 37.1% (random init: 36.8%). Its schedule shrunk to the CPU (ViT 96 wide, 3 blocks, patch 2, predictor
     # 48x2, batch 32, the same 582 steps, warmup and EMA ramp, CIFAR-10; ~5 min with OMP_NUM_THREADS=1):
-    #   ijepa-viz train --preset cifar-gpu --data imagefolder --data-root ../shared/data/cifar10 --steps 582
+    #   ijepa-viz train --preset cifar-gpu --data imagefolder --data-root path/to/cifar10 --steps 582
     #     --set model.embed_dim=96 --set model.depth=3 --set model.num_heads=3 --set model.pred_embed_dim=48
     #     --set model.pred_depth=2 --set data.batch_size=32 --set optim.warmup_epochs=0.0186
     #     --set train.device=cpu --set train.collapse_every=25 [--set optim.lr=... --set optim.ema_start=...]
