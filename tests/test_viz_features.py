@@ -19,6 +19,7 @@ from ijepa_viz.masks import MaskCollator
 from ijepa_viz.viz import feature_plots as fp
 from ijepa_viz.viz import feature_widgets as fw
 from ijepa_viz.viz import features as fx
+from ijepa_viz.config import override as ij_override
 from tiny import tiny_config
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
@@ -410,16 +411,31 @@ def test_feature_model_notebook03_and_bad_sources(tmp_path, monkeypatch, capsys)
     assert set(fw.feature_sources()) == {"notebook03"}
 
 
-def test_feature_model_cifar10_says_why_when_its_images_cannot_be_loaded(monkeypatch, cfg):
+def test_feature_model_cifar10_finds_its_images_or_says_why(monkeypatch, cfg, tmp_path):
+    shipped_cfg = ij_override(cfg, ["data.name=imagefolder", "data.root=nowhere/cifar10"])
     monkeypatch.setattr("ijepa_viz.pretrained.shipped", lambda: {fw.SHIPPED_MODELS["cifar10"]: "x"})
-    monkeypatch.setattr("ijepa_viz.pretrained.load_shipped", lambda name: (fw.untrained_model(cfg), cfg))
-    monkeypatch.setattr(fw, "_cifar10_reachable", lambda cfg: "URLError: no network")
+    monkeypatch.setattr("ijepa_viz.pretrained.load_shipped", lambda name: (fw.untrained_model(cfg), shipped_cfg))
+    tried = []
+
+    def offline(data, split, size, limit=None):
+        tried.append((data.name, data.root))
+        raise OSError("no network")
+
+    monkeypatch.setattr("ijepa_viz.data.load_uint8", offline)
+    monkeypatch.chdir(tmp_path)  # a working folder other than the repository: two places to look
     assert "cifar10" in fw.feature_sources()
     with pytest.raises(RuntimeError, match="no network.*source='shipped'"):
         fw.feature_model("cifar10")
-    monkeypatch.setattr(fw, "_cifar10_reachable", lambda cfg: None)
-    model, _, about = fw.feature_model("cifar10")
-    assert fw.SHIPPED_MODELS["cifar10"] in about
+    # the ImageFolder tree it was trained on (from the working folder, then the repository), then torchvision
+    assert [n for n, _ in tried] == ["imagefolder", "imagefolder", "cifar10"]
+    assert tried[0][1].endswith("nowhere/cifar10") and tried[2][1] == str(fw.REPO_ROOT / "data")
+
+    monkeypatch.setattr("ijepa_viz.data.load_uint8", lambda data, *a, **k: data.name == "cifar10" or offline(data, 0, 0))
+    model, got, about = fw.feature_model("cifar10")
+    assert got.data.name == "cifar10" and fw.SHIPPED_MODELS["cifar10"] in about and "torchvision" in about
+    monkeypatch.setattr("ijepa_viz.data.load_uint8", lambda *a, **k: None)  # the tree is there
+    _, got, about = fw.feature_model("cifar10")
+    assert got.data.name == "imagefolder" and "torchvision" not in about
 
 
 # -- numbers that explain the pictures -----------------------------------------------------------------

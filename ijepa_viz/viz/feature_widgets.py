@@ -29,7 +29,8 @@ from ijepa_viz.model import IJEPA
 from ijepa_viz.viz import feature_plots as fp
 from ijepa_viz.viz import features as fx
 from ijepa_viz.viz import plots
-from ijepa_viz.viz.widgets import NOTEBOOK_CHECKPOINT, RUNS_DIR, figure_png, image_from_bytes, notebook_config
+from ijepa_viz.viz.widgets import (NOTEBOOK_CHECKPOINT, REPO_ROOT, RUNS_DIR, figure_png, image_from_bytes,
+                                   notebook_config)
 
 __all__ = [
     "PredictionExplorer", "prediction_explorer", "EmbeddingExplorer", "embedding_explorer",
@@ -353,15 +354,37 @@ def _shipped_description(name: str, model: IJEPA, cfg: Config) -> str:
             f"{cfg.model.depth} blocks, {cfg.model.img_size} px {cfg.data.name} images{trained}")
 
 
-def _cifar10_reachable(cfg: Config) -> Optional[str]:
-    """None when the CIFAR-10 test images can be loaded (on disk, or downloaded now), else why not."""
+def _cifar10_data(cfg: Config) -> tuple[Config, str]:
+    """`cfg` with a data section whose CIFAR-10 test images load here, and a note for the description.
+
+    First the ImageFolder tree the shipped model was trained on (`cfg.data.root`, relative to the working
+    folder or to the repository), then torchvision's CIFAR-10 (on disk in `<repo>/data`, or downloaded).
+    Raises RuntimeError saying why when neither loads (e.g. offline without the files).
+    """
+    from ijepa_viz.config import override
     from ijepa_viz.data import load_uint8
 
-    try:
-        load_uint8(cfg.data, "test", cfg.model.img_size, limit=1)
-    except Exception as e:  # torchvision raises URLError, RuntimeError, OSError, ... when offline
-        return f"{type(e).__name__}: {e}"
-    return None
+    tries = []
+    if cfg.data.name == "imagefolder":
+        root = Path(cfg.data.root)
+        places = [root] if root.is_absolute() else [Path.cwd() / root, REPO_ROOT / root]
+        for where in dict.fromkeys(p.resolve() for p in places):  # each place once
+            tries.append((override(cfg, [f"data.root={where}"]), ""))
+    if cfg.data.name != "cifar10" or not tries:
+        note = "" if cfg.data.name == "cifar10" else (
+            "; images from torchvision's CIFAR-10, normalised with its own mean and std (the model trained with "
+            f"those of {cfg.data.name!r})")
+        tries.append((override(cfg, ["data.name=cifar10", f"data.root={REPO_ROOT / 'data'}", "data.download=true"]),
+                      note))
+    errors = []
+    for candidate, note in tries:
+        try:
+            load_uint8(candidate.data, "test", candidate.model.img_size, limit=1)
+            return candidate, note
+        except Exception as e:  # torchvision raises URLError, RuntimeError, OSError, ... when offline
+            errors.append(f"{candidate.data.name} at {candidate.data.root}: {type(e).__name__}: {e}")
+    raise RuntimeError("source='cifar10' needs the CIFAR-10 images, and none could be loaded or downloaded here ("
+                       + "; ".join(errors) + "); use source='shipped', which works offline")
 
 
 def feature_sources() -> dict[str, str]:
@@ -375,8 +398,8 @@ def feature_sources() -> dict[str, str]:
         out["shipped"] = f"the shipped model {SHIPPED_MODELS['shapes']!r}, trained on the built-in shapes (offline)"
     out["notebook03"] = "the run you trained in notebook 03 (or a short run of its settings, trained on demand)"
     if SHIPPED_MODELS["cifar10"] in have:
-        out["cifar10"] = (f"the shipped model {SHIPPED_MODELS['cifar10']!r}, on CIFAR-10 (its images are "
-                          f"downloaded by torchvision: needs the network once)")
+        out["cifar10"] = (f"the shipped model {SHIPPED_MODELS['cifar10']!r}, on CIFAR-10 (its images must be on "
+                          f"disk or downloadable by torchvision: needs the network once)")
     return out
 
 
@@ -389,8 +412,9 @@ def feature_model(source: str = "shipped", quick: bool = False, verbose: bool = 
             (`SHIPPED_MODELS['shapes']`), offline; the same in quick mode and in CI.
         'notebook03': the run you trained in notebook 03 (`notebook_model(quick)`: its checkpoint, or a short
             fallback run of its settings trained here when it is missing).
-        'cifar10': the shipped CIFAR-10 model, when it is installed and torchvision can load CIFAR-10 (on
-            disk or downloaded); a clear error otherwise. Never needed offline.
+        'cifar10': the shipped CIFAR-10 model, when it is installed and its images load: the ImageFolder tree
+            it was trained on, else torchvision's CIFAR-10 (on disk or downloaded; the returned Config's data
+            section says which); a clear error otherwise. Never needed offline.
     The description names the weights and how long they were trained (from the model card), for printing.
     Compare with `untrained_model(cfg)`: the same network before training.
     """
@@ -408,12 +432,10 @@ def feature_model(source: str = "shipped", quick: bool = False, verbose: bool = 
         raise ValueError(f"source={source!r} needs the shipped model {name!r}, which this installation does not "
                          f"have (shipped: {have}); use source='notebook03'")
     model, cfg = load_shipped(name)
+    note = ""
     if source == "cifar10":
-        why = _cifar10_reachable(cfg)
-        if why is not None:
-            raise RuntimeError(f"source='cifar10' needs the CIFAR-10 images, which torchvision could not load "
-                               f"or download here ({why}); use source='shipped', which works offline")
-    return model, cfg, _shipped_description(name, model, cfg)
+        cfg, note = _cifar10_data(cfg)
+    return model, cfg, _shipped_description(name, model, cfg) + note
 
 
 def notebook_model(quick: bool = False, verbose: bool = True) -> tuple[IJEPA, Config]:
