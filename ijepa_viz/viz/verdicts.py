@@ -94,7 +94,8 @@ def probe_verdict(result: Mapping, probe: str = "linear", seed_spread: float = 0
     text = "The trained encoder " + " and ".join(parts) + f" ({name}, {m['n_test']:,} test images; differences " \
            f"under about {noise:.1f} points are noise)."
     if m["untrained"] is not None and m["vs_untrained"] <= m["noise_untrained"]:
-        text += " Its features are no better than those it started from: it has not learned yet."
+        text += (f" By this probe ({name}) it has not learned yet: its features are no better than those it "
+                 f"started from.")
     return text
 
 
