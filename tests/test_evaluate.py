@@ -80,7 +80,7 @@ def test_linear_probe_chooses_C_without_looking_at_the_test_set(separable, monke
         assert events == [("score", 40)] * len(Cs) + [("score", len(test_x))]  # 10% of 400 held out, then test
     else:
         real_design, real_lbfgs = E._Design, E._lbfgs
-        monkeypatch.setattr(E, "_Design", lambda x: events.append(("features", len(x))) or real_design(x))
+        monkeypatch.setattr(E, "_Design", lambda x, *a: events.append(("features", len(x))) or real_design(x, *a))
         monkeypatch.setattr(E, "_lbfgs", lambda *a, **k: events.append(("fit",)) or real_lbfgs(*a, **k))
         E.linear_probe(train_x, train_y, test_x, test_y, Cs=Cs, backend=backend)
         assert events == [("features", 400)] + [("fit",)] * (len(Cs) + 1) + [("features", len(test_x))]
@@ -89,6 +89,12 @@ def test_linear_probe_chooses_C_without_looking_at_the_test_set(separable, monke
 def test_linear_probe_rejects_an_unknown_backend(separable):
     with pytest.raises(ValueError, match="backend"):
         E.linear_probe(*separable, backend="liblinear")
+
+
+def test_linear_probe_puts_the_thread_count_back(separable):
+    threads = torch.get_num_threads()
+    E.linear_probe(*separable, Cs=(1.0,))  # runs its small steps on one thread
+    assert torch.get_num_threads() == threads
 
 
 # -- the torch probe against scikit-learn on image features ------------------------------------------------
