@@ -151,11 +151,32 @@ def test_plot_loss_and_in_place_update():
     assert len(ax.get_lines()) == 1 and len(ax.get_lines()[0].get_xdata()) == 20
     assert ax.get_xlim()[1] >= 20  # rescaled to the new data
     plots.plot_loss(ax, HISTORY, smooth=0.9)
-    assert len(ax.get_lines()) == 2
-    ema = ax.get_lines()[1].get_ydata()
-    assert ema[0] == pytest.approx(1.0)  # bias-corrected: starts at the first loss, not near 0
-    flat = plots._smoothed(np.full(5, 2.0), 0.9)
-    assert np.allclose(flat, 2.0)
+    assert len(ax.get_lines()) == 1  # 20 points: too few to smooth (a window of at most a twentieth of them)
+    long = [{"step": s, "loss": 1.0 / s} for s in range(1, 301)]
+    plots.plot_loss(ax, long, smooth=0.9)
+    assert len(ax.get_lines()) == 2 and "smoothed" in ax.get_lines()[1].get_label()
+    assert "0.9 both ways" in ax.get_lines()[1].get_label() and ax.get_legend() is not None
+    shorter = plots.plot_loss(new_ax(), long[:40], smooth=0.9)
+    assert "0.5 both ways" in shorter.get_lines()[1].get_label()  # capped: a time constant of 40 / 20 points
+
+
+def test_smoothing_does_not_lag_behind_a_falling_loss():
+    x = np.arange(300.0)
+    truth = 0.1 + np.exp(-x / 60)
+    noisy = truth + np.random.default_rng(0).normal(0, 0.03, len(x))
+    smooth = plots._smoothed(noisy, 0.9)  # 300 points: not capped
+    one_way = plots._ema(noisy, 0.9)
+    # a one-way EMA sits above a falling curve; the forward-backward one goes through its middle
+    assert (one_way - truth).mean() > 0.02
+    assert abs((smooth - truth).mean()) < 0.01 and np.abs(smooth - truth).max() < 0.05
+    assert 0.3 < (smooth > noisy).mean() < 0.7  # not above the raw curve everywhere
+    assert np.allclose(plots._smoothed(np.full(50, 2.0), 0.9), 2.0)
+    ramp = 5 - 0.01 * x
+    assert np.abs(plots._smoothed(ramp, 0.9) - ramp).max() < 0.02  # a straight line stays straight to its ends
+    assert np.array_equal(plots._smoothed(np.array([1.0, 0.5, 0.3, 0.2]), 0.9), [1.0, 0.5, 0.3, 0.2])
+    # a sharp, convex drop (a loss's first steps) over few points: the capped window keeps the bend
+    steep = 0.7 + 0.5 * np.exp(-np.arange(45.0) / 3)
+    assert np.abs(plots._smoothed(steep, 0.9) - steep).max() < 0.08  # 0.22 with a window of a quarter
 
 
 def test_plot_schedules_follow_the_config():
@@ -188,6 +209,49 @@ def test_plot_collapse_draws_each_monitor():
     assert len(twin.get_lines()[0].get_xdata()) == 4
     plots.plot_collapse(ax, HISTORY)
     assert len(ax.get_lines()) == 3 and len(twin.get_lines()) == 1
+
+
+# -- RankMe: singular values and the probe readings of runs --------------------------------------------
+
+def test_singular_value_shares_give_rankme():
+    from ijepa_viz.model import rankme
+
+    g = torch.Generator().manual_seed(0)
+    healthy = torch.randn(256, 32, generator=g)
+    collapsed = torch.ones(256, 1) * torch.randn(1, 32, generator=g) + 1e-3 * torch.randn(256, 32, generator=g)
+    for x in (healthy, collapsed):
+        p = plots.singular_value_shares(x)
+        assert p.shape == (32,) and p.sum() == pytest.approx(1.0) and np.all(np.diff(p) <= 1e-12)
+        assert np.exp(-(p * np.log(p)).sum()) == pytest.approx(rankme(x), rel=1e-3)
+    assert plots.singular_value_shares(collapsed)[0] > 0.9 > plots.singular_value_shares(healthy)[0]
+    ax = new_ax()
+    assert plots.plot_spectra(ax, {"healthy": healthy, "collapsed": collapsed}) is ax
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(ax.get_lines()) == 2 and labels[0].startswith("healthy: RankMe") and "of 32" in labels[1]
+    assert ax.get_yscale() == "log"
+
+
+def _probe_history(values, every=5):
+    """Metrics rows of a run logged every step, with a collapse check every `every` steps (the latest
+    reading repeated in every row, as the Trainer does)."""
+    rows, current = [], values[0]
+    for step in range(1, every * (len(values) - 1) + 1):
+        if step % every == 0:
+            current = values[step // every]
+        rows.append({"step": step, "loss": 1.0, "probe_rankme": current})
+    return rows
+
+
+def test_probe_readings_and_rankme_runs():
+    on, off = _probe_history([3.0, 2.9, 2.8]), _probe_history([3.0, 1.6, 1.2])
+    steps, values = plots.probe_readings(on, 5)
+    assert list(steps) == [0, 5, 10] and list(values) == [3.0, 2.9, 2.8]
+    assert plots.probe_readings([{"step": 1, "loss": 1.0}], 5)[0].size == 0  # no checks logged
+    ax = new_ax()
+    assert plots.plot_rankme_runs(ax, {"EMA on": on, "EMA off": off}, 5, collapse_line=1.5) is ax
+    lines = ax.get_lines()
+    assert len(lines) == 3 and list(lines[1].get_ydata()) == [3.0, 1.6, 1.2]
+    assert "last 1.20" in lines[1].get_label() and lines[2].get_ydata()[0] == 1.5
 
 
 # -- ablations ---------------------------------------------------------------------------------------
@@ -229,3 +293,77 @@ def test_paper_numbers():
     assert plots.PAPER_ABLATIONS["model.target"] == {"representation": 66.9, "pixels": 40.7}
     assert plots.PAPER_ABLATIONS["mask.num_targets"] == {"4": 54.2, "1": 9.0}
     assert list(plots.PAPER_ABLATIONS["mask.num_targets"]) == ["4", "1"]  # the paper's choice first
+
+
+SEEDED = {"rows": [  # the paper's choice first in each group; the base run repeated, as in ablations.json
+    {"group": "mask.strategy", "setting": "multiblock", "linear": 0.40, "linear_per_seed": [0.41, 0.39],
+     "knn": 0.3, "knn_per_seed": [0.3, 0.3], "rankme": 9.0, "rankme_per_seed": [8.0, 10.0]},
+    {"group": "mask.strategy", "setting": "random", "linear": 0.30, "linear_per_seed": [0.31, 0.29],
+     "knn": 0.2, "knn_per_seed": [0.2, 0.2], "rankme": 5.0, "rankme_per_seed": [5.0, 5.0]},
+    {"group": "model.target", "setting": "representation", "linear": 0.40, "linear_per_seed": [0.41, 0.39],
+     "knn": 0.3, "knn_per_seed": [0.3, 0.3], "rankme": 9.0, "rankme_per_seed": [8.0, 10.0]},
+    {"group": "model.target", "setting": "pixels", "linear": 0.50, "linear_per_seed": [0.51, 0.49],
+     "knn": 0.4, "knn_per_seed": [0.4, 0.4], "rankme": 12.0, "rankme_per_seed": [12.0, 12.0]},
+    {"group": "train.ema", "setting": "on", "linear": 0.40, "linear_per_seed": [0.41, 0.39],
+     "knn": 0.3, "knn_per_seed": [0.3, 0.3], "rankme": 9.0, "rankme_per_seed": [8.0, 10.0]},
+    {"group": "train.ema", "setting": "off", "linear": 0.395, "linear_per_seed": [0.40, 0.39],
+     "knn": 0.3, "knn_per_seed": [0.3, 0.3], "rankme": 1.1, "rankme_per_seed": [1.1, 1.1]},
+]}
+
+
+def test_ablation_bars_show_the_spread_between_seeds_and_the_baseline():
+    from matplotlib.container import ErrorbarContainer
+
+    ax = plots.plot_ablation_bars(new_ax(), SEEDED, group="mask.strategy", baseline=0.35)
+    errs = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(errs) == 1
+    segments = errs[0].lines[2][0].get_segments()  # one vertical segment per bar: lowest to highest seed
+    assert [tuple(np.round(s[:, 1], 6)) for s in segments] == [(39.0, 41.0), (29.0, 31.0)]
+    assert any(line.get_linestyle() == "--" and line.get_ydata()[0] == 35.0 for line in ax.get_lines())
+    texts = [t.get_text() for t in ax.texts]
+    assert "40.0" in texts and "30.0" in texts
+    plain = plots.plot_ablation_bars(new_ax(), SEEDED, group="mask.strategy", seed_range=False)
+    assert not [c for c in plain.containers if isinstance(c, ErrorbarContainer)]
+
+
+def test_ablation_runs_and_the_rankme_panel():
+    runs = plots.ablation_runs(SEEDED)
+    assert [name for name, _ in runs] == ["base (multiblock, representation, on)", "strategy=random",
+                                          "target=pixels", "ema=off"]
+    ax = plots.plot_ablation_metric(new_ax(), SEEDED, "rankme", baseline=3.0, threshold=2.0)
+    bars = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert [b.get_height() for b in bars] == pytest.approx([9.0, 5.0, 12.0, 1.1])
+    assert matplotlib.colors.to_hex(bars[3].get_facecolor()) == matplotlib.colors.to_hex("tab:red")  # collapsed
+    assert matplotlib.colors.to_hex(bars[0].get_facecolor()) == matplotlib.colors.to_hex("tab:blue")
+    assert {line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() in ("--", ":")} == {3.0, 2.0}
+    with pytest.raises(ValueError, match="no run"):
+        plots.plot_ablation_metric(new_ax(), SEEDED, "final_loss")
+
+
+def test_ablation_findings_follow_the_numbers():
+    text = plots.ablation_findings(SEEDED, baseline=0.35, n_test=10_000, scale="tiny runs", dim=64)
+    assert len(text) == 1 + 3  # the baseline, then one sentence per group
+    assert text[0].startswith("Against the untrained network (35.0%, linear probe): 3 of 4 runs beat it")
+    strategy, target, ema = text[1:]
+    assert strategy.startswith("mask.strategy: as in the paper") and "more than the noise" in strategy
+    assert target.startswith("model.target: DISAGREES") and "pixels scores highest" in target
+    assert "more than the noise" in target and "Likely reason" in target and "tiny runs" in target
+    assert "train.ema=off: Collapsed" in ema and "does not tell them apart" in ema
+    # the same comparison within the noise: the sentence says so
+    close = {"rows": [dict(r) for r in SEEDED["rows"][2:4]]}
+    close["rows"][1].update(linear=0.41, linear_per_seed=[0.44, 0.38])
+    (sentence,) = plots.ablation_findings(close, n_test=10_000)
+    assert "DISAGREES" in sentence and "within the noise" in sentence
+    # and flips when the paper's choice wins
+    close["rows"][1].update(linear=0.30, linear_per_seed=[0.30, 0.30])
+    assert plots.ablation_findings(close)[0].startswith("model.target: as in the paper")
+
+
+def test_ablation_findings_on_the_saved_results():
+    import json
+    from pathlib import Path
+
+    saved = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/ablations.json").read_text())
+    text = plots.ablation_findings(saved, baseline=0.36, n_test=10_000, dim=192)
+    groups = list(dict.fromkeys(r["group"] for r in saved["rows"]))
+    assert len(text) == 1 + len(groups) and all(t.startswith(g) for t, g in zip(text[1:], groups))

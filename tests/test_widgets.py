@@ -10,6 +10,7 @@ import io
 import statistics
 
 import ipywidgets
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -37,6 +38,15 @@ def explorer():
 def test_sample_image_is_bundled():
     img = widgets.sample_image()
     assert img.dtype == torch.uint8 and img.shape == (3, 112, 112)
+
+
+def test_sample_image_is_todays_shapes_render():
+    """Notebook 01 calls the sample an image of the shapes dataset: it must be what the renderer draws now
+    (regenerate ijepa_viz/assets/sample_shapes_112.png when the renderer changes; see its README)."""
+    from ijepa_viz.data import render_shapes
+
+    images, labels = render_shapes([3], 112, seed=0, split="test")
+    assert torch.equal(widgets.sample_image(), images[0]) and labels.tolist() == [3]
 
 
 def test_explorer_box_holds_every_control(explorer):
@@ -183,6 +193,57 @@ def test_notebook_config_quick_is_tiny_shapes(tmp_path):
     assert cfg.train.out_dir == str(tmp_path) and cfg.mask.min_keep < 9
 
 
+def test_notebook_config_is_cpu_demo_logging_every_step(tmp_path, monkeypatch):
+    monkeypatch.delenv(widgets.CIFAR10_ENV, raising=False)
+    monkeypatch.setattr(widgets, "REPO_ROOT", tmp_path)  # no data/ download here
+    cfg = widgets.notebook_config(quick=False, out_dir=tmp_path, extra=["train.steps=40"])
+    demo = ij_preset("cpu-demo")
+    assert cfg.data.name == "shapes" and cfg.train.log_every == 1  # a loss curve of every step
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.var_weight) == (demo.model.embed_dim, demo.model.depth,
+                                                                             demo.model.var_weight)
+    assert widgets.notebook_config(quick=False, out_dir=tmp_path, extra=["train.steps=40"],
+                                   preset="cpu-tiny").model.depth == ij_preset("cpu-tiny").model.depth
+
+
+def ij_preset(name):
+    from ijepa_viz.config import get_preset
+    return get_preset(name)
+
+
+def test_local_cifar10_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setattr(widgets, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.delenv(widgets.CIFAR10_ENV, raising=False)
+    assert widgets.local_cifar10() is None  # nothing set, nothing downloaded: the notebooks use shapes
+    tree = tmp_path / "c10"
+    (tree / "train" / "cat").mkdir(parents=True)
+    (tree / "test" / "cat").mkdir(parents=True)
+    monkeypatch.setenv(widgets.CIFAR10_ENV, str(tree))
+    assert widgets.local_cifar10() == tree
+    cfg = widgets.notebook_config(quick=False, out_dir=tmp_path / "run", extra=["train.steps=5"])
+    assert cfg.data.name == "imagefolder" and cfg.data.root == str(tree)
+    assert widgets.notebook_config(quick=True, out_dir=tmp_path / "run").data.name == "shapes"  # CI: never
+    batches = tmp_path / "tv" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for value in (batches.parent, batches):  # torchvision's folder, or the one that holds it
+        monkeypatch.setenv(widgets.CIFAR10_ENV, str(value))
+        assert widgets.local_cifar10() == batches.parent
+    monkeypatch.setenv(widgets.CIFAR10_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match=widgets.CIFAR10_ENV):
+        widgets.local_cifar10()
+    monkeypatch.delenv(widgets.CIFAR10_ENV)
+    (tmp_path / "repo" / "data" / "cifar-10-batches-py").mkdir(parents=True)
+    assert widgets.local_cifar10() == tmp_path / "repo" / "data"
+
+
+def test_no_path_outside_the_project_in_the_notebook_helpers():
+    import inspect
+
+    from ijepa_viz.viz import plots
+    for module in (widgets, plots):
+        text = inspect.getsource(module)
+        assert "../shared" not in text and "STYLE.md" not in text and "DESIGN.md" not in text
+
+
 def test_steps_for_budget_is_bounded(tmp_path):
     cfg = tiny_config(tmp_path / "run")
     assert widgets.steps_for_budget(cfg, 0.0) == 20  # at least min_steps
@@ -231,7 +292,6 @@ def test_resumed_dashboard_keeps_the_earlier_curve(tmp_path):
 
 
 def test_dashboard_collapse_monitors(tmp_path):
-    pytest.importorskip("ijepa_viz.evaluate")
     dash = widgets.training_dashboard(tiny_config(tmp_path / "run", "train.steps=4"), monitor_every=2,
                                       eval_images=16)
     result = dash.start(block=True)
@@ -241,9 +301,105 @@ def test_dashboard_collapse_monitors(tmp_path):
     assert all(r["feature_std"] > 0 and r["rankme"] >= 1 for r in monitored)
 
 
+def test_dashboard_monitors_in_a_fresh_process(tmp_path):
+    """`import ijepa_viz as ij` makes `ijepa_viz.evaluate` the function until the submodule is imported: the
+    monitors must not depend on which was imported first."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, 'tests'); from tiny import tiny_config; "
+            "from ijepa_viz.viz import widgets; "
+            f"d = widgets.training_dashboard(tiny_config({str(tmp_path / 'run')!r}, 'train.steps=2'), monitor_every=1, "
+            "eval_images=8); d.start(block=True); print(sorted(k for k in d.history[0] if k in ('rankme', 'feature_std')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=widgets.REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "['feature_std', 'rankme']" in out.stdout
+
+
 def test_dashboard_shows_a_failed_run(tmp_path):
     cfg = tiny_config(tmp_path / "run", "train.steps=2", "data.batch_size=1000")  # more than the 32 images
     dash = widgets.training_dashboard(cfg)
     with pytest.raises(Exception):
         dash.start(block=True)
     assert dash.error is not None and "error" in dash.status.value
+
+
+# -- how far the weights moved, and the short runs of notebook 03 ---------------------------------------
+
+def test_weight_change_and_the_ema_share_of_the_initial_weights(tmp_path):
+    from ijepa_viz.train import Trainer
+
+    cfg = tiny_config(tmp_path / "run", "train.steps=8", "optim.lr=3e-3")
+    trainer = Trainer(cfg, progress=False)
+    initial = widgets.initial_weights(trainer.model)
+    assert set(initial) == {"context encoder", "target encoder"}
+    assert widgets.weight_change(trainer.model, initial) == {"context encoder": 0.0, "target encoder": 0.0}
+    result = trainer.fit()
+    moved = widgets.weight_change(result.model, initial)
+    assert 0 < moved["target encoder"] < moved["context encoder"]  # the EMA trails the context encoder
+    # the share of the initial target weights is the product of the momenta the run used (logged every step)
+    momenta = [row["momentum"] for row in result.history]
+    share = widgets.ema_init_share(cfg, result.step, trainer.steps_per_epoch)
+    assert share == pytest.approx(float(np.prod(momenta)), rel=1e-9) and 0.96 < share < 1.0
+    assert widgets.ema_init_share(cfg, 0) == 1.0
+
+
+def test_run_training_keeps_the_initial_weights(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "train.steps=3")
+    result = widgets.run_training(cfg, live=False, progress=False)
+    untrained = widgets.untrained_like(cfg)  # what the Trainer built before its first step
+    for k, v in untrained.encoder.state_dict().items():
+        if v.is_floating_point():
+            assert torch.equal(result.initial_state["context encoder"][k], v), k
+    assert widgets.weight_change(result.model, result.initial_state)["context encoder"] > 0
+    summary = widgets.run_summary(result, cfg)
+    assert summary.startswith("3 optimiser steps of 8 images") and "0.8 passes over the 32 training images" in summary
+    feats = widgets.target_features(result.model, cfg, n=16)
+    assert feats.shape == (16, cfg.model.embed_dim)
+
+
+def test_ema_runs_differ_only_in_the_ema_and_the_one_without_collapses(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the collapse warning of the EMA-off run
+        runs = widgets.ema_runs(quick=True, out_dir=tmp_path, steps=20)
+    on, off = runs["EMA on"], runs["EMA off"]
+    assert list(runs) == ["EMA on", "EMA off"] and on.step == off.step == 20
+    a, b = on.cfg.to_dict(), off.cfg.to_dict()
+    assert a["train"].pop("ema") is True and b["train"].pop("ema") is False
+    a["train"].pop("out_dir"), b["train"].pop("out_dir")
+    assert a == b
+    every = on.cfg.train.collapse_every
+    (_, r_on), (_, r_off) = (plots_probe(r.history, every) for r in (on, off))
+    assert r_on[0] == pytest.approx(r_off[0])  # the same start
+    assert r_off[-1] < on.cfg.train.collapse_rankme < r_on[-1]  # collapsed without the EMA only
+    assert set(off.initial_state) == {"context encoder"} and set(on.initial_state) == {"context encoder",
+                                                                                         "target encoder"}
+
+
+def plots_probe(history, every):
+    from ijepa_viz.viz.plots import probe_readings
+    return probe_readings(history, every)
+
+
+def test_run_training_stops_at_its_time_cap(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "train.steps=100000")
+    result = widgets.run_training(cfg, live=False, progress=False, max_seconds=0.0)
+    assert result.time_capped and result.stopped_early and result.step == 1
+    assert result.checkpoint.exists() and "time cap" in widgets.run_summary(result, cfg)
+    assert not widgets.run_training(tiny_config(tmp_path / "b", "train.steps=2"), live=False, progress=False,
+                                    max_seconds=1e9).time_capped
+
+
+def test_dashboard_redraws_take_at_most_a_fifth_of_the_time(tmp_path):
+    dash = widgets.training_dashboard(tiny_config(tmp_path / "run", "train.steps=2"))
+    dash.history = [{"step": s, "loss": 1.0 / s, "target_std": 0.5} for s in range(1, 50)]
+    dash.redraw()
+    assert dash._draw_cost > 0 and dash._last_draw > 0
+    dash._draw_cost = 100.0  # a very slow redraw: the next ones wait 4x as long
+    dash.redraw_every_s = 0.0
+    png = dash.image_widget.value
+    dash.on_step(type("T", (), {"stop": lambda self: None})(), {"step": 50, "loss": 0.1})
+    assert dash.image_widget.value == png and dash.history[-1]["step"] == 50
