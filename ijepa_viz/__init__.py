@@ -9,7 +9,7 @@ The few names a notebook needs, in one namespace:
     model, cfg = ij.load_pretrained("shapes-cpu-demo")   # shipped weights, offline, with model.card
     result = ij.train(cfg)                               # Trainer(cfg).fit(): model, history, checkpoint
     model, cfg = ij.load_model("runs/x/checkpoint.pt")   # a training checkpoint
-    table = ij.evaluate(model=model, cfg=cfg)            # linear probe + kNN beside two baselines
+    table = ij.evaluate_model(model=model, cfg=cfg)      # linear probe + kNN beside two baselines
 
 Also: `IJEPA` and `MaskCollator` (the method), `Trainer`, `load_images` (raw uint8 images of a dataset),
 `shipped_weights()`, and the submodules `ij.viz` (features, plots, widgets, verdicts). Everything loads on
@@ -28,7 +28,8 @@ _LAZY = {
     "Trainer": ("ijepa_viz.train", "Trainer"),
     "train": ("ijepa_viz.train", "train"),
     "load_model": ("ijepa_viz.train", "load_model"),
-    "evaluate": ("ijepa_viz.evaluate", "evaluate"),
+    # not `evaluate`: that name is the submodule ijepa_viz.evaluate, which would replace it once imported
+    "evaluate_model": ("ijepa_viz.evaluate", "evaluate"),
     "format_table": ("ijepa_viz.evaluate", "format_table"),
     "load_images": ("ijepa_viz.data", "load_uint8"),
     "class_names": ("ijepa_viz.data", "class_names"),

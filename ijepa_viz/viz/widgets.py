@@ -487,7 +487,6 @@ class TrainingDashboard(widgets.VBox):
     def monitor(self, trainer) -> dict:
         """Collapse metrics of the target encoder on a fixed batch of test images: the std of the average-
         pooled features (`evaluate.feature_std`) and their effective rank (`evaluate.rankme`)."""
-        # the functions themselves: `from ijepa_viz import evaluate` can give ij.evaluate, the function
         from ijepa_viz.model import feature_std, rankme
 
         x = self._eval_images(trainer.device)
