@@ -387,6 +387,20 @@ def test_evaluate_streams_a_dataset_that_is_not_held_in_memory(tiny_checkpoint):
     assert streamed["rows"][2] == in_memory["rows"][2]  # raw pixels: the same uint8 images either way
 
 
+def test_evaluate_reuses_the_split_the_training_loader_decoded(tiny_checkpoint, monkeypatch):
+    from ijepa_viz.data import UInt8Cache, build_loader
+    from ijepa_viz.train import load_model
+
+    model, cfg = load_model(tiny_checkpoint[0])
+    UInt8Cache.clear_memo()
+    build_loader(cfg.data, "train", cfg.model.img_size, train=True, seed=0)  # what training decoded
+    rendered, real = [], UInt8Cache._render_shapes.__func__
+    monkeypatch.setattr(UInt8Cache, "_render_shapes",
+                        classmethod(lambda cls, data, split, *a: rendered.append(split) or real(cls, data, split, *a)))
+    E.evaluate(model=model, cfg=cfg, progress=False)
+    assert rendered == ["test"]  # the training split came from memory, and each split is made once
+
+
 def test_prediction_metrics_on_held_out_images(tiny_checkpoint):
     from ijepa_viz.train import load_model
 
