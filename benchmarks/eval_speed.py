@@ -17,7 +17,8 @@ Each case runs `evaluate` end to end (decoded images are forgotten first, so dec
 per-phase timings. Then, with `--sklearn` (default: all rows), the features `evaluate` used for each row are
 probed again by `linear_probe(backend='sklearn')` (scikit-learn's lbfgs, max_iter=300: the old path), in a
 child process with a time limit (`--sklearn-timeout`), to give both accuracies and the time ratio, measured
-in the same run; encoder rows (<= 1,024 dims) also with max_iter=10000, since the cap of 300 stops
+in the same run (BLAS on `--sklearn-threads`, default 1: on a busy machine two threads made it far
+slower); encoder rows (<= 1,024 dims) also with max_iter=10000, since the cap of 300 stops
 scikit-learn short of the minimum on weak features (large C). Torch and BLAS use `--threads` threads
 (default: all cores). The load average before and after each case is recorded: on a shared machine it says
 how much of the CPU the run had. Results: benchmarks/results/eval_speed.json (one entry per case;
@@ -95,20 +96,24 @@ def grouped_cifar(cifar_root: Path, out: Path, groups: int = 20, train_per_class
     return out
 
 
-def _sklearn_child(queue, train, test, seed, max_iter) -> None:
+def _sklearn_child(queue, train, test, seed, max_iter, threads) -> None:
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)  # scikit-learn's BLAS
     start = time.perf_counter()
     res = E.linear_probe(*train, *test, seed=seed, backend="sklearn", max_iter=max_iter)
     queue.put({"accuracy": res["accuracy"], "C": res["C"], "val_accuracy": res["val_accuracy"],
                "seconds": time.perf_counter() - start})
 
 
-def sklearn_probe(train: tuple, test: tuple, seed: int, timeout: float, max_iter: int = 300) -> dict:
+def sklearn_probe(train: tuple, test: tuple, seed: int, timeout: float, max_iter: int = 300,
+                  threads: int = 1) -> dict:
     """`linear_probe(backend='sklearn', max_iter=max_iter)` in a forked child (the features are shared, not
-    copied), killed after `timeout` seconds."""
+    copied) with BLAS on `threads` threads, killed after `timeout` seconds."""
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     start = time.perf_counter()
-    proc = ctx.Process(target=_sklearn_child, args=(queue, train, test, seed, max_iter))
+    proc = ctx.Process(target=_sklearn_child, args=(queue, train, test, seed, max_iter, threads))
     proc.start()
     proc.join(timeout)
     if proc.is_alive():
@@ -176,7 +181,7 @@ def run_case(case: str, args) -> dict:
             if train[0].dtype == torch.uint8:  # the old path's raw pixels: float in [0, 1]
                 train, test = (train[0].float() / 255, train[1]), (test[0].float() / 255, test[1])
             print(f"  scikit-learn probe of {name} ...", flush=True)
-            sk = sklearn_probe(train, test, seed, args.sklearn_timeout)
+            sk = sklearn_probe(train, test, seed, args.sklearn_timeout, threads=args.sklearn_threads)
             entry["sklearn"] = sk
             if "seconds" in sk:
                 entry["sklearn_over_torch_time"] = round(sk["seconds"] / entry["torch_linear_s"], 1)
@@ -184,7 +189,7 @@ def run_case(case: str, args) -> dict:
             print(f"  {name}: torch {100 * row['linear']:.2f}% in {entry['torch_linear_s']:.1f} s, "
                   f"scikit-learn {sk}", flush=True)
             if entry["dims"] <= 1024:  # also run scikit-learn to convergence (its 300-iteration cap can bind)
-                converged = sklearn_probe(train, test, seed, args.sklearn_timeout, max_iter=10000)
+                converged = sklearn_probe(train, test, seed, args.sklearn_timeout, 10000, args.sklearn_threads)
                 entry["sklearn_max_iter_10000"] = converged
                 if "accuracy" in converged:
                     entry["accuracy_difference_points_vs_converged"] = round(
@@ -196,6 +201,7 @@ def run_case(case: str, args) -> dict:
             "n_train": result["n_train"], "n_test": result["n_test"],
             "model": {"depth": m.depth, "embed_dim": m.embed_dim, "patch_size": m.patch_size, "img_size": m.img_size},
             "checkpoint": str(args.checkpoint) if checkpoint else "random init", "load_avg_before": load_before,
+            "sklearn_threads": args.sklearn_threads,
             "load_avg_after": _load()}
 
 
@@ -208,6 +214,8 @@ def main(argv=None) -> dict:
     p.add_argument("--sklearn", default="all", choices=("all", "encoders", "none"),
                    help="rows whose features are also probed by scikit-learn (the old path)")
     p.add_argument("--sklearn-timeout", type=float, default=1800.0, help="seconds per scikit-learn probe")
+    p.add_argument("--sklearn-threads", type=int, default=1,
+                   help="BLAS threads for scikit-learn (1: its fastest setting on a busy 2-core machine)")
     p.add_argument("--threads", type=int, default=None, help="torch and BLAS threads (default: all cores)")
     p.add_argument("--out", default=str(HERE / "results" / "eval_speed.json"))
     args = p.parse_args(argv)
