@@ -247,7 +247,7 @@ _EIG_FULL_MAX = 1024  # up to this many dims the covariance is decomposed exactl
 _EIG_RANK = 256  # eigenvectors (randomised SVD) and one mean eigenvalue for the rest
 _FTOL = 1e-6  # a fit also needs its estimated distance to the minimum, -slope / 2, below _FTOL * f
 _REFRESH = 10  # iterations between re-estimates of the preconditioner (the curvature changes as a fit converges)
-_THREADED_SIZE = 1 << 24  # feature matrices with this many entries (e.g. 50,000 x 3,072) use all threads
+_THREADED_WORK = 1 << 28  # products of this many multiply-adds (about 10 ms on one core) use all threads
 _LBFGS_MEMORY = 10  # correction pairs kept by L-BFGS (scipy's default, as scikit-learn uses)
 
 
@@ -301,28 +301,30 @@ def _int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _digits(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float (R, K) -> int8 digits (R, _DIGITS * K) and float64 column scales (K,) with
-    m[:, k] = scale[k] * sum_i digits[:, i * K + k] / 254**i, up to 0.5 / 254**(_DIGITS - 1) of the column's
-    largest entry (which maps to 127)."""
-    m = m.double()
+    """float (R, K) -> int8 digits (R, _DIGITS * K) and column scales (K,) with
+    m[:, k] = scale[k] * sum_i digits[:, i * K + k] / 254**i, to float32 precision (the last digit is worth
+    0.5 / 254**2 of the column's largest entry, which maps to 127). Worked in float32 in place: for 200
+    classes these (N, K) passes cost as much as the int8 products."""
     scale = m.abs().amax(dim=0) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    r, digits = m / scale, []
-    for _ in range(_DIGITS):
+    k = m.shape[1]
+    r = m / scale
+    digits = torch.empty((m.shape[0], _DIGITS * k), dtype=torch.int8)
+    for i in range(_DIGITS):
         q = r.round()
-        digits.append(q)
-        r = (r - q) * 254  # in [-127, 127]
-    return torch.cat(digits, dim=1).to(torch.int8), scale
+        digits[:, i * k:(i + 1) * k] = q
+        if i + 1 < _DIGITS:
+            r.sub_(q).mul_(254)  # in [-127, 127]
+    return digits, scale
 
 
 def _undigit(products: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Exact products with the digits of `_digits` (R, _DIGITS * K), int32 or float64 -> float32 (R, K)."""
+    """Exact products with the digits of `_digits` (R, _DIGITS * K), int32 or float -> float32 (R, K)."""
     k = products.shape[1] // _DIGITS
-    p = products.double()
-    out = p[:, :k].clone()
-    for i in range(1, _DIGITS):
-        out += p[:, i * k:(i + 1) * k] / 254.0 ** i
-    return (out * scale).float()
+    out = products[:, (_DIGITS - 1) * k:].float()
+    for i in range(_DIGITS - 2, -1, -1):  # Horner: small digits first
+        out.div_(254).add_(products[:, i * k:(i + 1) * k])
+    return out.mul_(scale)
 
 
 class _Design:
@@ -341,10 +343,13 @@ class _Design:
             self.x, self.offset = (x.to(torch.int16) - 128).to(torch.int8).contiguous(), 128.0
         else:
             self.x, self.offset = x.float().contiguous(), 0.0
-        # Only products over at least _THREADED_SIZE entries of x run on `threads` threads: smaller ones are
-        # a few ms, where each thread's wait for the other at the end costs more than it saves on a busy
-        # machine (measured: 2 threads made the probe of 10,000 x 192 features 17x slower at load average 5).
-        self.threads = threads if x.numel() >= _THREADED_SIZE else 1
+        self._threads = threads
+
+    def threads(self, k: int) -> int:
+        """Threads for a product with k columns: only products of at least _THREADED_WORK multiply-adds run on
+        all of them. Smaller ones take a few ms, where each thread's wait for the other costs more than it
+        saves on a busy machine (two threads made the probe of 10,000 x 192 features 17x slower there)."""
+        return self._threads if self.x.numel() * k >= _THREADED_WORK else 1
 
     def __len__(self) -> int:
         return len(self.x)
@@ -352,23 +357,23 @@ class _Design:
     def mm(self, m: torch.Tensor) -> torch.Tensor:
         """(x - offset) @ m: (N, D) @ (D, K) -> float32 (N, K)."""
         if not self.int8:
-            with _torch_threads(self.threads):
+            with _torch_threads(self.threads(m.shape[1])):
                 return (m.T @ self.x.T).T  # computed as (K, D) @ (D, N): 2x faster than x @ m with MKL here
         q, scale = _digits(m)
-        with _torch_threads(self.threads):
+        with _torch_threads(self.threads(q.shape[1])):
             products = _int8_mm(self.x, q)
         return _undigit(products, scale)
 
     def tmm(self, g: torch.Tensor) -> torch.Tensor:
         """(x - offset).T @ g: (D, N) @ (N, K) -> float32 (D, K)."""
         if not self.int8:
-            with _torch_threads(self.threads):
+            with _torch_threads(self.threads(g.shape[1])):
                 return (g.T @ self.x).T  # (K, N) @ (N, D): the fast layout here (MKL's x.T @ g is 5-10x slower)
         q, scale = _digits(g)
         qt = q.T.contiguous()  # (3K, N)
         acc = None
         for i in range(0, len(self.x), _INT8_SPAN):  # int32 sums of at most _INT8_SPAN terms cannot overflow
-            with _torch_threads(self.threads):
+            with _torch_threads(self.threads(qt.shape[0])):
                 part = _int8_mm(qt[:, i:i + _INT8_SPAN], self.x[i:i + _INT8_SPAN]).double()
             acc = part if acc is None else acc + part
         return _undigit(acc.T, scale)
@@ -407,14 +412,15 @@ def _objective(X: _Design, y: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
     # The cross-entropy from the margins d = z - z_y, so that it keeps its relative precision when it is tiny
     # (nearly separable classes): nll = log(sum_k exp(d_k)) = top + log1p(expm1(-top) + sum_{k != y} exp(d_k - top)).
     label = y[:, None]
-    d = z - z.gather(1, label)  # (N, K), 0 at the label
-    top = d.amax(dim=1, keepdim=True).clamp_min(0)  # (N, 1)
-    e = torch.exp(d - top).scatter_(1, label, 0)  # wrong classes only
-    nll = top[:, 0] + torch.log1p(torch.expm1(-top[:, 0]) + e.sum(dim=1))  # (N,)
+    e = z - z.gather(1, label)  # (N, K): d, 0 at the label
+    top = e.amax(dim=1).clamp_min_(0)  # (N,)
+    e.sub_(top[:, None]).exp_().scatter_(1, label, 0)  # exp(d - top) of the wrong classes
+    rest = e.sum(dim=1)  # (N,)
+    nll = top + torch.log1p(torch.expm1(-top) + rest)  # (N,)
     f = float(w.double() @ nll.double()) + 0.5 * lam * float(W.double().pow(2).sum())
-    g = torch.exp(d - nll[:, None]).scatter_(1, label, 0)  # softmax of the wrong classes
-    g.scatter_(1, label, -g.sum(dim=1, keepdim=True))  # p_y - 1 = -sum of the others, without cancellation
-    g *= w[:, None]  # (N, K): dF/dz
+    scale = torch.exp(top - nll) * w  # (N,): exp(d_k - nll) = softmax p_k, times the row's weight
+    g = e.mul_(scale[:, None])  # (N, K): dF/dz = w (p - onehot(y)); p_y - 1 is minus the sum of the others,
+    g.scatter_(1, label, -(rest * scale)[:, None])  # without the cancellation of 1 - p_y
     grad_b = g.sum(dim=0)
     grad_W = (X.tmm(g) + torch.outer(X.offset - mean, grad_b)) * inv_std[:, None] + lam * W
     return f, grad_W, grad_b, z
