@@ -663,9 +663,10 @@ def linear_probe(train_x, train_y, test_x, test_y, *, seed: int = 0,
       11 s for the refit alone) scikit-learn gives 42.1%;
     * 10,000 raw pixels (3,072 dims): 4.2 s against 48.6 s, 38.5% in both; 50,000: 14 s.
     Earlier, a torch probe (torch.optim.LBFGS, strong-Wolfe line search, warm-started) was 2-3x slower than
-    scikit-learn: it had no preconditioner, so it needed as many iterations, each paying for autograd and
-    more line-search evaluations, and MKL's float32 x @ W is 2x slower here than the same product computed as
-    (W^T @ x^T)^T.
+    scikit-learn. Why, measured on one fit (C=10, 10,000 x 192 CIFAR-10 features, from zero): torch.optim.LBFGS
+    took 14.9 s for 1,084 evaluations and still stood at a gradient of 1.2e-3 (f = 1.64388); this L-BFGS
+    without its preconditioner needs 2,020 evaluations (8.8 s; 4 ms each against 14 ms with autograd and
+    x @ W, which MKL computes 2x slower here than (W^T @ x^T)^T); with it, 20 evaluations, 0.14 s, f = 1.63385.
     """
     if backend not in LINEAR_BACKENDS:
         raise ValueError(f"backend={backend!r} must be one of {', '.join(LINEAR_BACKENDS)}")
