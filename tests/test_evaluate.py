@@ -15,6 +15,7 @@ from ijepa_viz.masks import MaskCollator
 from ijepa_viz.model import IJEPA
 
 E = importlib.import_module("ijepa_viz.evaluate")  # the module (the package's lazy `evaluate` is the function)
+P = importlib.import_module("ijepa_viz.probes")  # the probes' internals (E.linear_probe is P.linear_probe)
 
 TINY_MODEL = ["model.img_size=16", "model.patch_size=2", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
               "model.pred_embed_dim=16", "model.pred_depth=1", "mask.min_keep=2"]
@@ -79,9 +80,9 @@ def test_linear_probe_chooses_C_without_looking_at_the_test_set(separable, monke
         E.linear_probe(train_x, train_y, test_x, test_y, Cs=Cs, backend=backend)
         assert events == [("score", 40)] * len(Cs) + [("score", len(test_x))]  # 10% of 400 held out, then test
     else:
-        real_design, real_lbfgs = E._Design, E._lbfgs
-        monkeypatch.setattr(E, "_Design", lambda x, *a: events.append(("features", len(x))) or real_design(x, *a))
-        monkeypatch.setattr(E, "_lbfgs", lambda *a, **k: events.append(("fit",)) or real_lbfgs(*a, **k))
+        real_design, real_lbfgs = P._Design, P._lbfgs
+        monkeypatch.setattr(P, "_Design", lambda x, *a: events.append(("features", len(x))) or real_design(x, *a))
+        monkeypatch.setattr(P, "_lbfgs", lambda *a, **k: events.append(("fit",)) or real_lbfgs(*a, **k))
         E.linear_probe(train_x, train_y, test_x, test_y, Cs=Cs, backend=backend)
         assert events == [("features", 400)] + [("fit",)] * (len(Cs) + 1) + [("features", len(test_x))]
 
@@ -163,7 +164,7 @@ def test_torch_probe_agrees_with_sklearn_on_image_features(image_features, which
     feats = image_features[which]
     kw = {} if Cs is None else {"Cs": Cs}
     ours = E.linear_probe(*feats, **kw)
-    monkeypatch.setattr(E, "_logreg", lambda C, max_iter, warm_start=False: LogisticRegression(
+    monkeypatch.setattr(P, "_logreg", lambda C, max_iter, warm_start=False: LogisticRegression(
         C=C, max_iter=max_iter, warm_start=warm_start, tol=1e-8))
     reference = E.linear_probe(*feats, backend="sklearn", max_iter=10000, **kw)
     assert abs(ours["accuracy"] - reference["accuracy"]) <= 0.01, (ours, reference)
@@ -180,15 +181,15 @@ def test_torch_probe_minimises_sklearns_objective(image_features, which, C, monk
     from sklearn.linear_model import LogisticRegression
 
     train_x, train_y, test_x, test_y = image_features[which]
-    fits, real_lbfgs = [], E._lbfgs
+    fits, real_lbfgs = [], P._lbfgs
 
     def spy(fun, W, b, *args, **kwargs):  # keeps the objective and the solution of each fit
         fits.append((fun, real_lbfgs(fun, W, b, *args, **kwargs)))
         return fits[-1][1]
 
-    monkeypatch.setattr(E, "_lbfgs", spy)
+    monkeypatch.setattr(P, "_lbfgs", spy)
     ours = E.linear_probe(train_x, train_y, test_x, test_y, Cs=(C,))
-    x_train, x_test = E._standardised(train_x.float().numpy(), test_x.float().numpy())
+    x_train, x_test = P._standardised(train_x.float().numpy(), test_x.float().numpy())
     clf = LogisticRegression(C=C, max_iter=10000, tol=1e-8).fit(x_train, train_y.numpy())
     assert abs(ours["accuracy"] - clf.score(x_test, test_y.numpy())) <= 0.01
 
@@ -203,8 +204,8 @@ def test_int8_products_are_exact(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (300, 40), dtype=torch.uint8, generator=g)
     m, r = torch.randn(40, 7, generator=g), torch.randn(300, 7, generator=g)
-    monkeypatch.setattr(E, "_INT8_SPAN", 128)  # exercise the chunked sums of tmm
-    X = E._Design(x)
+    monkeypatch.setattr(P, "_INT8_SPAN", 128)  # exercise the chunked sums of tmm
+    X = P._Design(x)
     if not X.int8:
         pytest.skip("torch._int_mm is not available here")
     xs = x.double() - 128
@@ -222,7 +223,7 @@ def test_probes_give_the_same_answer_for_uint8_and_float_pixels(image_features, 
     exact = E.linear_probe(train_x, train_y, test_x, test_y, Cs=(0.01, 0.1))
     floats = E.linear_probe(*as_float, Cs=(0.01, 0.1))
     assert exact["C"] == floats["C"] and abs(exact["accuracy"] - floats["accuracy"]) <= 0.005
-    monkeypatch.setattr(E, "_INT_MM", False)  # a torch without int8 matmul takes the float path
+    monkeypatch.setattr(P, "_INT_MM", False)  # a torch without int8 matmul takes the float path
     assert E.linear_probe(train_x, train_y, test_x, test_y, Cs=(0.01, 0.1))["accuracy"] == floats["accuracy"]
 
 
