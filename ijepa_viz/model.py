@@ -432,7 +432,7 @@ class IJEPA(nn.Module):
 
         Written here rather than with timm's ModelEma because I-JEPA's momentum follows its own per-step
         schedule and the target must stay a plain module named `target_encoder`, as in the checkpoints.
-        That schedule (`train.schedule`) is m(s) = ema_start + (ema_end - ema_start) * min(s / total, 1); with the
+        That schedule (`schedules.schedule`) is m(s) = ema_start + (ema_end - ema_start) * min(s / total, 1); with the
         optional EMA warmup (optim.ema_warmup_epochs > 0, W steps) it is instead
         m(s) = ema_warmup_start + (m(W) - ema_warmup_start) * s / W for s < W: a faster-moving target early on.
         """

@@ -45,6 +45,7 @@ from ijepa_viz.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, l
 from ijepa_viz.config import Config, ConfigError, save_yaml
 from ijepa_viz.masks import MaskCollator
 from ijepa_viz.model import IJEPA, build_model, feature_std, rankme, set_attention
+from ijepa_viz.schedules import schedule  # noqa: F401  (public here too: `ijepa_viz.train.schedule`)
 
 clock = time.monotonic  # the wall clock of `train.checkpoint_minutes` (tests replace it)
 PROBE_IMAGES = 256  # collapse checks encode at most this many images of the first training batch
@@ -143,46 +144,7 @@ def init_distributed(device_name: str) -> DistInfo:
     return DistInfo(rank, world, local)
 
 
-# -- schedules -----------------------------------------------------------------------------------
-
-def schedule(step: int, total: int, warmup: int, o, steps_per_epoch: Optional[int] = None
-             ) -> tuple[float, float, float]:
-    """(lr, weight decay, EMA momentum) at `step` of `total`, as the official per-iteration schedules:
-
-    * lr: linear from start_lr to lr over `warmup` steps, then a cosine from lr down to final_lr;
-    * weight decay: a cosine from weight_decay to final_weight_decay over the whole run;
-    * momentum: linear from ema_start to ema_end over the whole run,
-      m(s) = ema_start + (ema_end - ema_start) * min(s / total, 1).
-
-    Optional EMA warmup (not in the paper; off when optim.ema_warmup_epochs = 0): over the first
-    W = round(ema_warmup_epochs * steps_per_epoch) steps the momentum instead rises linearly from
-    ema_warmup_start to the official value at W,
-      m(s) = ema_warmup_start + (m(W) - ema_warmup_start) * s / W   for s < W,
-    then follows the official line. A lower momentum early lets the target encoder keep up with a context
-    encoder that is still changing fast, and the curve is continuous at W. It needs `steps_per_epoch`.
-
-    Pure functions of the step (no scheduler state), which keeps resume exact. timm's CosineLRScheduler covers
-    the lr alone; the weight-decay and momentum schedules have no library equivalent.
-    """
-    if step < warmup:
-        lr = o.start_lr + (o.lr - o.start_lr) * step / max(1, warmup)
-    else:
-        p = (step - warmup) / max(1, total - warmup)
-        lr = max(o.final_lr, o.final_lr + (o.lr - o.final_lr) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
-    q = min(step / max(1, total), 1.0)
-    wd = o.final_weight_decay + (o.weight_decay - o.final_weight_decay) * 0.5 * (1 + math.cos(math.pi * q))
-    momentum = o.ema_start + (o.ema_end - o.ema_start) * q
-    ema_warmup_epochs = getattr(o, "ema_warmup_epochs", 0.0)
-    if ema_warmup_epochs > 0:
-        if steps_per_epoch is None:
-            raise ValueError("optim.ema_warmup_epochs > 0 needs the steps per epoch: call "
-                             "schedule(..., steps_per_epoch=N)")
-        w = int(round(ema_warmup_epochs * steps_per_epoch))
-        if step < w:
-            m_w = o.ema_start + (o.ema_end - o.ema_start) * min(w / max(1, total), 1.0)
-            momentum = o.ema_warmup_start + (m_w - o.ema_warmup_start) * step / w
-    return lr, wd, momentum
-
+# -- optimiser ------------------------------------------------------------------------------------
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
     """AdamW groups as the official code: no weight decay on biases and other 1-D parameters."""

@@ -353,8 +353,8 @@ def plot_loss(ax: Axes, history: Sequence[Mapping], key: str = "loss", smooth: f
 
 
 def schedule_curves(cfg, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
-    """The per-step schedules of `train.schedule` over a run: {'step', 'lr', 'wd', 'momentum'} arrays."""
-    from ijepa_viz.train import schedule
+    """The per-step schedules of `schedules.schedule` over a run: {'step', 'lr', 'wd', 'momentum'} arrays."""
+    from ijepa_viz.schedules import schedule
 
     warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     steps = np.arange(total_steps + 1)

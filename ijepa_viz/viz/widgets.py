@@ -708,10 +708,10 @@ def ema_init_share(cfg: Config, steps: int, steps_per_epoch: Optional[int] = Non
     """The weight that the target encoder's *initial* weights still have after `steps` EMA updates.
 
     Each step sets target <- m_t target + (1 - m_t) context, so after T steps the initial target weights
-    enter the target with the factor m_0 m_1 ... m_(T-1) (the momenta of `train.schedule` over the run). With
+    enter the target with the factor m_0 m_1 ... m_(T-1) (the momenta of `schedules.schedule` over the run). With
     the paper's m >= 0.996, 50 steps leave that factor at 0.996^50 = 0.82 or more: the target encoder is still
     mostly its random initialisation, whatever the context encoder learned."""
-    from ijepa_viz.train import schedule
+    from ijepa_viz.schedules import schedule
 
     spe = steps_per_epoch or max(1, _train_size(cfg) // cfg.data.batch_size)
     total = cfg.train.steps or cfg.train.epochs * spe
