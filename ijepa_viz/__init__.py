@@ -27,7 +27,7 @@ _LAZY = {
     "MaskCollator": ("ijepa_viz.masks", "MaskCollator"),
     "Trainer": ("ijepa_viz.train", "Trainer"),
     "train": ("ijepa_viz.train", "train"),
-    "load_model": ("ijepa_viz.train", "load_model"),
+    "load_model": ("ijepa_viz.checkpoint", "load_model"),
     # not `evaluate`: that name is the submodule ijepa_viz.evaluate, which would replace it once imported
     "evaluate_model": ("ijepa_viz.evaluate", "evaluate"),
     "format_table": ("ijepa_viz.evaluate", "format_table"),

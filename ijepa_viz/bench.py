@@ -13,13 +13,10 @@ Ratios are always between numbers measured in the same run.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import resource
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -153,39 +150,3 @@ def format_bench(result: dict) -> str:
         lines.append(f"data pipeline alone: {result['data_imgs_per_s']:.0f} imgs/s")
     lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MiB")
     return "\n".join(lines)
-
-
-# -- CLI -------------------------------------------------------------------------------------------
-
-def _cmd_bench(args) -> int:
-    from ijepa_viz.cli import UserError, _config_from_args
-
-    cfg = _config_from_args(args)
-    modes = tuple(m.strip() for m in args.modes.split(","))
-    if any(m not in MODES for m in modes):
-        raise UserError(f"--modes {args.modes!r}: choose from {', '.join(MODES)}")
-    if args.quick:
-        args.steps, args.warmup, args.data_batches, args.peak_seconds = 2, 1, 2, 0.2
-    result = run_bench(cfg, modes, args.steps, args.warmup, args.data_batches, args.peak_seconds)
-    print(format_bench(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
-    return 0
-
-
-def add_cli(sub) -> None:
-    from ijepa_viz.cli import _add_config_args, _positive_int
-
-    p = sub.add_parser("bench", help="training-step throughput, FLOPs, MFU and data speed",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_config_args(p)
-    p.add_argument("--modes", default="fp32-eager,optimised", help=f"comma-separated: {', '.join(MODES)}")
-    p.add_argument("--steps", type=_positive_int, default=20, help="timed steps per mode (default 20)")
-    p.add_argument("--warmup", type=_positive_int, default=5, help="untimed warm-up steps per mode")
-    p.add_argument("--data-batches", type=int, default=20, help="batches for the data-pipeline timing (0: skip)")
-    p.add_argument("--peak-seconds", type=float, default=1.0, help="time spent measuring each matmul peak")
-    p.add_argument("--quick", action="store_true", help="a few steps only (tests)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.set_defaults(func=_cmd_bench)

@@ -106,8 +106,8 @@ def cmd_eval(args) -> int:
     bad = [p for p in probes if p not in ("linear", "knn")]
     if bad or not probes:
         raise UserError(f"--probe {args.probe!r}: choose from linear, knn (comma-separated)")
+    from ijepa_viz.checkpoint import load_model
     from ijepa_viz.pretrained import is_shipped, load_shipped
-    from ijepa_viz.train import load_model
     model, cfg = (load_shipped if is_shipped(args.checkpoint) else load_model)(args.checkpoint)
     sets = []
     if args.data:
@@ -133,6 +133,45 @@ def cmd_demo(args) -> int:
 
     report = run_demo(out_dir=args.out, seconds=args.seconds, quick=args.quick)
     print(f"report: {report}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ijepa_viz.bench import MODES, format_bench, run_bench
+
+    cfg = _config_from_args(args)
+    modes = tuple(m.strip() for m in args.modes.split(","))
+    if any(m not in MODES for m in modes):
+        raise UserError(f"--modes {args.modes!r}: choose from {', '.join(MODES)}")
+    if args.quick:
+        args.steps, args.warmup, args.data_batches, args.peak_seconds = 2, 1, 2, 0.2
+    result = run_bench(cfg, modes, args.steps, args.warmup, args.data_batches, args.peak_seconds)
+    print(format_bench(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from ijepa_viz.checkpoint import load_model
+    from ijepa_viz.official import CONFIG_FILE, TIMM_FILE, WEIGHTS_FILE, export_safetensors, load_official, timm_kwargs
+
+    if args.official:
+        model, cfg = load_official(args.official, num_heads=args.num_heads)
+        source = args.official
+    else:
+        model, cfg = load_model(args.checkpoint)
+        source = args.checkpoint
+    if args.timm:
+        timm_kwargs(model.cfg)  # fail before writing anything when there is no timm equivalent
+    out = export_safetensors(model, cfg, args.out, timm=args.timm, which=args.which)
+    m = cfg.model
+    print(f"converted {source}: ViT {m.embed_dim} wide, depth {m.depth}, {m.num_heads} heads, patch "
+          f"{m.patch_size}, {m.img_size} px; predictor {m.pred_embed_dim} wide, depth {m.pred_depth}")
+    files = [WEIGHTS_FILE, CONFIG_FILE] + ([TIMM_FILE] if args.timm else [])
+    print(f"wrote {', '.join(str(out / f) for f in files)}")
     return 0
 
 
@@ -193,13 +232,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps (for tests)")
     p.set_defaults(func=cmd_demo)
 
-    for extra in ("ijepa_viz.bench", "ijepa_viz.checkpoint"):  # subcommands defined next to their code
-        try:
-            module = __import__(extra, fromlist=["add_cli"])
-        except ImportError:
-            continue
-        if hasattr(module, "add_cli"):
-            module.add_cli(sub)
+    from ijepa_viz import bench
+
+    p = sub.add_parser("bench", help="training-step throughput, FLOPs, MFU and data speed",
+                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_args(p)
+    p.add_argument("--modes", default="fp32-eager,optimised", help=f"comma-separated: {', '.join(bench.MODES)}")
+    p.add_argument("--steps", type=_positive_int, default=20, help="timed steps per mode (default 20)")
+    p.add_argument("--warmup", type=_positive_int, default=5, help="untimed warm-up steps per mode")
+    p.add_argument("--data-batches", type=int, default=20, help="batches for the data-pipeline timing (0: skip)")
+    p.add_argument("--peak-seconds", type=float, default=1.0, help="time spent measuring each matmul peak")
+    p.add_argument("--quick", action="store_true", help="a few steps only (tests)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "convert", help="official .pth.tar or a training checkpoint -> safetensors + config.json (+ timm)",
+        description="Convert an official I-JEPA checkpoint (facebookresearch/ijepa .pth.tar: encoder, target "
+                    "encoder and predictor) or an ijepa_viz training checkpoint into DIR/model.safetensors and "
+                    "DIR/config.json (read back with ijepa_viz.official.import_safetensors); --timm also "
+                    "writes DIR/encoder_timm.safetensors for timm's VisionTransformer. Nothing pickled is "
+                    "executed; every file is written atomically.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--official", metavar="PATH.pth.tar", help="an official I-JEPA checkpoint")
+    src.add_argument("--checkpoint", metavar="PATH.pt", help="a checkpoint.pt written by `ijepa-viz train`")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--timm", action="store_true", help="also write the encoder for timm (encoder_timm.safetensors)")
+    p.add_argument("--which", choices=["target", "context"], default="target",
+                   help="encoder for --timm: target (EMA, what the paper evaluates; default) or context")
+    p.add_argument("--num-heads", type=int, metavar="N",
+                   help="attention heads, for encoder widths other than the official ones")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -25,8 +25,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ijepa_viz.checkpoint import CheckpointError, _save_safetensors, _atomic_text, build_for, load_weights
+from ijepa_viz.checkpoint import CheckpointError, _atomic_text, build_for, load_weights
 from ijepa_viz.config import Config, ConfigError
+from ijepa_viz.official import _save_safetensors
 
 __all__ = ["WEIGHTS_DIR", "shipped", "is_shipped", "load_shipped", "save_shipped", "round_trip", "load_pretrained"]
 
@@ -106,9 +107,9 @@ def round_trip(model: nn.Module) -> nn.Module:
 
 def load_pretrained(name: str, *, map_location="cpu", **timm_overrides) -> tuple[nn.Module, Config]:
     """Weights by name: a shipped model (`shipped()`, offline), else an official release or a timm name
-    (`ijepa_viz.checkpoint.load_pretrained`, downloaded on first use)."""
+    (`ijepa_viz.official.load_pretrained`, downloaded on first use)."""
     if is_shipped(name):
         return load_shipped(name, map_location=map_location)
-    from ijepa_viz.checkpoint import load_pretrained as load_released
+    from ijepa_viz.official import load_pretrained as load_released
 
     return load_released(name, map_location=map_location, **timm_overrides)

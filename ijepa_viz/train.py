@@ -42,6 +42,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ijepa_viz.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_training_checkpoint
+from ijepa_viz.checkpoint import load_model  # noqa: F401  (public here too: `ijepa_viz.train.load_model`)
 from ijepa_viz.config import Config, ConfigError, save_yaml
 from ijepa_viz.masks import MaskCollator
 from ijepa_viz.model import IJEPA, build_model, feature_std, rankme, set_attention
@@ -573,12 +574,3 @@ def train(cfg: Config, callbacks: list | tuple = (), resume: bool | str | Path =
           progress: bool = True) -> TrainResult:
     """Build a `Trainer` for `cfg` and run it. See `Trainer`."""
     return Trainer(cfg, callbacks=callbacks, resume=resume, progress=progress).fit()
-
-
-def load_model(path: str | Path, map_location="cpu") -> tuple[IJEPA, Config]:
-    """Rebuild the model saved in a training checkpoint: returns (model in eval mode, its Config)."""
-    ckpt = load_training_checkpoint(path, map_location)
-    cfg = Config.from_dict(ckpt["config"])
-    model = build_model(cfg.model, ema=cfg.train.ema)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg

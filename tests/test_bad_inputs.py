@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ijepa_viz.checkpoint import CheckpointError, load_official, load_training_checkpoint
+from ijepa_viz.checkpoint import CheckpointError, load_training_checkpoint
 from ijepa_viz.cli import main
 from ijepa_viz.config import ConfigError, get_preset, override
 from ijepa_viz.data import DataError, build_loader
 from ijepa_viz.masks import MaskCollator
+from ijepa_viz.official import load_official
 from ijepa_viz.train import Trainer
 from reference import fake_official_checkpoint
 from tiny import TINY, tiny_config

@@ -13,9 +13,9 @@ import warnings
 import pytest
 import torch
 
-from ijepa_viz.checkpoint import (KNOWN_HEADS, CheckpointError, atomic_save, export_safetensors,
-                                  export_timm_encoder, from_official, import_safetensors, infer_model_config,
-                                  load_official, load_pretrained, load_training_checkpoint, safe_load, timm_kwargs)
+from ijepa_viz.checkpoint import CheckpointError, atomic_save, load_training_checkpoint, safe_load
+from ijepa_viz.official import (KNOWN_HEADS, export_safetensors, export_timm_encoder, from_official,
+                                import_safetensors, infer_model_config, load_official, load_pretrained, timm_kwargs)
 from ijepa_viz.cli import main
 from ijepa_viz.model import build_model
 from reference import (fake_official_checkpoint, official_encoder_shapes, official_predictor_shapes,
@@ -305,11 +305,11 @@ def test_load_pretrained_by_release_name_and_by_timm_name_offline(tmp_path, monk
     ckpt = fake_official_checkpoint(img_size=16, patch_size=4, embed_dim=192, depth=1, pred_dim=96, pred_depth=1)
     path = tmp_path / "IN1K-vit.h.14-300e.pth.tar"
     torch.save(ckpt, path)
-    import ijepa_viz.checkpoint as ck
+    import ijepa_viz.official as official
     import timm.models._builder as builder
 
     urls = []
-    monkeypatch.setattr(ck, "_download", lambda url: urls.append(url) or path)
+    monkeypatch.setattr(official, "_download", lambda url: urls.append(url) or path)
     model, cfg = load_pretrained("IN1K-vit.h.14-300e")
     assert urls == ["https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar"]
     assert cfg.model.num_heads == 3 and torch.equal(model.predictor.mask_token, ckpt["predictor"]["module.mask_token"])
