@@ -87,6 +87,28 @@ def test_linear_probe_chooses_C_without_looking_at_the_test_set(separable, monke
         assert events == [("features", 400)] + [("fit",)] * (len(Cs) + 1) + [("features", len(test_x))]
 
 
+def hidden_signal(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4 classes told apart only by x0 - x1: both carry one large shared noise, and x0 a small class offset. A
+    strong penalty leaves the probe at chance (it leans on the class means, which the noise swamps); a weak one
+    finds x0 - x1 and is near perfect. Untrained encoders' features behave like this."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    shared = 20 * torch.randn(n, generator=g)
+    x = torch.stack([shared + y.float(), shared, torch.randn(n, generator=g)], dim=1)
+    return x + 0.05 * torch.randn(n, 3, generator=g), y
+
+
+@pytest.mark.parametrize("backend", E.LINEAR_BACKENDS)
+def test_linear_probe_walks_past_a_flat_start_at_chance(backend):
+    train_x, train_y = hidden_signal(800, seed=0)
+    test_x, test_y = hidden_signal(400, seed=1)
+    Cs = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    first = E.linear_probe(train_x, train_y, test_x, test_y, Cs=Cs[:1], backend=backend)
+    assert first["accuracy"] < 0.5  # the smallest C alone: near chance (0.25)
+    full = E.linear_probe(train_x, train_y, test_x, test_y, Cs=Cs, backend=backend)  # patience=2
+    assert full["C"] >= 1.0 and full["accuracy"] > 0.8  # the plateau did not end the path (it did: 27% at 1e-4)
+
+
 def test_linear_probe_rejects_an_unknown_backend(separable):
     with pytest.raises(ValueError, match="backend"):
         E.linear_probe(*separable, backend="liblinear")
