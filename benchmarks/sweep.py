@@ -112,7 +112,7 @@ def load_split(data_root: str, split: str, num_workers: int):
 
 
 def _probe_set(images, labels, limit):
-    from ijepa_viz.data import _subset
+    from ijepa_viz.data.cache import _subset
     idx = _subset(len(images), limit)
     return images[idx], labels[idx]
 

@@ -342,7 +342,7 @@ def _split_images(cfg: Config, split: str, limit: Optional[int]) -> Optional[tup
     if limit is not None:
         return load_uint8(data, split, size, limit=limit)
     try:
-        from ijepa_viz.data import _fits_in_memory
+        from ijepa_viz.data.loaders import _fits_in_memory
         small = cfg.data.in_memory and _fits_in_memory(cfg.data, split)
     except ImportError:
         small = cfg.data.in_memory and cfg.data.name != "imagefolder"
