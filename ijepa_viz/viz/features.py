@@ -22,6 +22,10 @@ Read top to bottom:
 
 Tensors that come from the model (`embed`, `prediction_maps`, `patch_bank`) are CPU float32 torch tensors;
 whatever goes to scikit-learn or matplotlib (projections, maps, rankings) is numpy.
+
+It stays one file because the five sections are the steps of one pipeline (inputs, embeddings, projections,
+predictions, retrieval) built on one content-keyed cache (`_Cache`, `_digest_module`, `_digest_array`) that
+`embed`, `tsne_2d` and `patch_bank` share; notebooks 04, 05 and 07 import it as their one compute layer.
 """
 from __future__ import annotations
 

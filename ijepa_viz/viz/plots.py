@@ -11,6 +11,11 @@ costs one canvas draw and no new artists.
 
 Colours: the context is a light blue tint, target block m has colour `TARGET_COLOURS[m]`, and patches that
 neither the context encoder nor the predictor ever sees are greyed out.
+
+It stays one file because it is a catalogue of independent drawings that the notebooks and `widgets` reach
+through the one `plots` namespace; each section (images and masks, training curves, RankMe, ablations) is
+short, keeps its own helpers and reads top to bottom, so a split would add an import without making any
+drawing easier to follow.
 """
 from __future__ import annotations
 

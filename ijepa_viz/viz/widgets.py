@@ -17,6 +17,10 @@ To train notebook 03 on real CIFAR-10 instead, set `IJEPA_VIZ_CIFAR10` to a copy
 Jupyter: an ImageFolder tree (`<dir>/train/<class>/*.png` and `<dir>/test/...`) or the folder that holds
 torchvision's `cifar-10-batches-py` (`local_cifar10`). A torchvision download into `<repo>/data` is used
 without the variable.
+
+It stays one file because its sections share the notebooks' locations and settings (`REPO_ROOT`,
+`RUNS_DIR`, `NOTEBOOK_CHECKPOINT`, `CIFAR10_ENV`), which notebooks, `feature_widgets` and the tests read or
+replace on this one module; each app is a class of its own and reads on its own.
 """
 from __future__ import annotations
 
