@@ -30,8 +30,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ijepa_viz.checkpoint import (CheckpointError, _atomic_text, _check_file, _is_code_refusal, _refused, _try_meta_build,
-                                  _unreadable, atomic_save, atomic_write, build_for, load_weights)
+from ijepa_viz.checkpoint import (CheckpointError, _atomic_text, _check_file, _is_code_refusal, _refused,
+                                  _try_meta_build, _unreadable, atomic_save, atomic_write, build_for, load_weights)
 from ijepa_viz.config import Config, ConfigError, ModelConfig, get_preset
 
 EXPORT_FORMAT_VERSION = 1  # bump when the layout of model.safetensors + config.json changes

@@ -74,6 +74,15 @@ def _target(name: str) -> str | None:
     return None
 
 
+def _literal_import(node: ast.AST) -> str | None:
+    """The name in `importlib.import_module("...")` or `__import__("...")` when it is a literal string."""
+    if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
+        return None
+    func = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+    name = node.args[0].value
+    return name if func in ("import_module", "__import__") and isinstance(name, str) else None
+
+
 def _imports(name: str) -> set[str]:
     """The package modules that module `name` imports, anywhere in its body."""
     tree = ast.parse(MODULES[name].read_text(), filename=str(MODULES[name]))
@@ -91,10 +100,8 @@ def _imports(name: str) -> set[str]:
                 base = node.module
             for alias in node.names:  # `from a import b` names the submodule a.b when there is one
                 found.add(_target(f"{base}.{alias.name}") if f"{base}.{alias.name}" in MODULES else _target(base))
-        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)
-              and (getattr(node.func, "attr", None) == "import_module" or getattr(node.func, "id", None) == "__import__")):
-            found.add(_target(node.args[0].value))
+        elif (literal := _literal_import(node)) is not None:
+            found.add(_target(literal))
     found.discard(None)
     found.discard(name)
     return found
