@@ -9,6 +9,7 @@ The few names a notebook needs, in one namespace:
     model, cfg = ij.load_pretrained("shapes-cpu-demo")   # shipped weights, offline, with model.card
     result = ij.train(cfg)                               # Trainer(cfg).fit(): model, history, checkpoint
     model, cfg = ij.load_model("runs/x/checkpoint.pt")   # a training checkpoint
+    model, cfg = ij.load_official("IN1K-vit.h.14-300e.pth.tar")  # a checkpoint of the official code
     table = ij.evaluate_model(model=model, cfg=cfg)      # linear probe + kNN beside two baselines
 
 Also: `IJEPA` and `MaskCollator` (the method), `Trainer`, `load_images` (raw uint8 images of a dataset),
@@ -34,6 +35,7 @@ _LAZY = {
     "load_images": ("ijepa_viz.data", "load_uint8"),
     "class_names": ("ijepa_viz.data", "class_names"),
     "load_pretrained": ("ijepa_viz.pretrained", "load_pretrained"),
+    "load_official": ("ijepa_viz.official", "load_official"),
     "shipped_weights": ("ijepa_viz.pretrained", "shipped"),
     "viz": ("ijepa_viz.viz", None),
 }
