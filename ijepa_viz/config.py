@@ -64,8 +64,8 @@ class MaskConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "shapes"  # shapes | cifar10 | cifar100 | stl10 | fashion_mnist | imagefolder
-    root: str = "data"  # download or ImageFolder root (ignored by 'shapes')
+    name: str = "shapes"  # shapes | dots | cifar10 | cifar100 | stl10 | fashion_mnist | imagefolder
+    root: str = "data"  # download or ImageFolder root (ignored by the built-in 'shapes' and 'dots')
     download: bool = True  # let torchvision download a missing dataset
     batch_size: int = 128  # images per optimiser step, over all processes
     crop_scale: Tuple[float, float] = (0.3, 1.0)  # RandomResizedCrop scale range (official: 0.3-1.0)
@@ -73,8 +73,8 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes (0: load in the main process)
     in_memory: bool = True  # cache small datasets as uint8 tensors and augment whole batches at once
     on_bad_image: str = "error"  # unreadable image in an imagefolder: 'error' stops, 'skip' warns and skips
-    shapes_train_size: int = 10000  # images in the built-in 'shapes' training split
-    shapes_test_size: int = 2000  # images in the built-in 'shapes' test split
+    shapes_train_size: int = 10000  # images in a built-in dataset's training split ('shapes' or 'dots')
+    shapes_test_size: int = 2000  # images in a built-in dataset's test split ('shapes' or 'dots')
 
 
 @dataclass
@@ -356,7 +356,7 @@ def _divisor_hint(n: int) -> str:
     return ", ".join(str(p) for p in (2, 4, 7, 8, 14, 16) if n % p == 0) or "1"
 
 
-DATASETS = ("shapes", "cifar10", "cifar100", "stl10", "fashion_mnist", "imagefolder")
+DATASETS = ("shapes", "dots", "cifar10", "cifar100", "stl10", "fashion_mnist", "imagefolder")
 
 
 # -- YAML --------------------------------------------------------------------------------------

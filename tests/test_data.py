@@ -135,6 +135,48 @@ def test_shapes_build_dataset_gives_normalised_float():
     assert torch.allclose(x, expected, atol=1e-5)  # eval transform at the native size: only normalisation
 
 
+# -- dots ---------------------------------------------------------------------------------------------
+
+def test_dots_render_deterministic_batch_independent_and_labelled():
+    a, labels = D.render_dots([3, 5, 7], 32, seed=1)
+    b, _ = D.render_dots([5], 32, seed=1)
+    ds = D.DotsDataset("train", 32, size=10, seed=1)
+    assert a.shape == (3, 3, 32, 32) and a.dtype == torch.uint8 and labels.tolist() == [3, 5, 7]
+    assert torch.equal(a[1], b[0]) and torch.equal(ds[5][0], b[0]) and ds[5][1] == 5
+    assert not torch.equal(b, D.render_dots([5], 32, seed=2)[0])  # seed matters
+    assert not torch.equal(b, D.render_dots([5], 32, seed=1, split="test")[0])  # so does the split
+    assert D.class_names(DataConfig(name="dots")) == list(D.DOTS_CLASSES) and len(set(D.DOTS_CLASSES)) == 10
+
+
+def _figure_masks(images: torch.Tensor) -> torch.Tensor:
+    """Where the dots are: pixels far from the image's background (its median colour). bool (N, H, W)."""
+    background = images.float().flatten(2).median(dim=2).values[:, :, None, None]
+    return (images.float() - background).norm(dim=1) > 60
+
+
+def test_dots_classes_differ_only_in_arrangement():
+    """What the dataset promises: every class draws the same dots with the same colours, and the class shows
+    in where they lie (here, the figure's width against its height)."""
+    images, labels = D.render_dots(range(1000), 64)
+    masks = _figure_masks(images)
+    area = masks.float().mean(dim=(1, 2))
+    colour = torch.stack([(images[i].float() * masks[i]).sum((1, 2)) / masks[i].sum() for i in range(1000)])
+    per_class_area = torch.stack([area[labels == c].mean() for c in range(10)])
+    per_class_colour = torch.stack([colour[labels == c].mean(0) for c in range(10)])
+    # The same number of the same dots in every class; on the shortest figures (the lines) neighbours overlap,
+    # so there they cover less: 0.077 of the image on the lines against 0.135 on the square, at 64 px.
+    assert per_class_area.max() / per_class_area.min() < 2
+    assert (per_class_colour.max(0).values - per_class_colour.min(0).values).max() < 25  # of 255
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+
+    def spread(m, grid):
+        return torch.sqrt((grid[m] - grid[m].mean()).square().mean())
+
+    aspect = torch.tensor([float(spread(m, xs) / spread(m, ys).clamp(min=0.5)) for m in masks])
+    hline, vline = D.DOTS_CLASSES.index("hline"), D.DOTS_CLASSES.index("vline")
+    assert aspect[labels == hline].min() > 2 and aspect[labels == vline].max() < 0.5
+
+
 # -- torchvision CIFAR-10 in its on-disk format ---------------------------------------------------------
 
 def test_cifar10_dataset_offline(tiny_cifar):

@@ -5,6 +5,8 @@ One file per concern, read in this order (each imports only files above it):
 1. `shapes` - ``ShapesDataset``, the built-in offline dataset: 10 classes, each image a mosaic of nine copies
    of the class's shape in random colours, poses and positions on a textured background, rendered by
    vectorised signed-distance tests at any resolution (a linear probe on its raw pixels is near chance).
+   `dots` - ``DotsDataset``, the built-in dataset the demo learns: 10 figures (lines, circle, plus, square, ...)
+   drawn with identical-looking dots in random colours, so that only their arrangement says the class.
 2. `catalog` - per-dataset facts: class names and normalisation statistics (``dataset_stats``), and
    ``DataError``.
 3. `transforms` - ``build_transform``: the official I-JEPA augmentation (RandomResizedCrop, optional flip,
@@ -29,6 +31,7 @@ Data problems raise ``DataError``; each message names the file or folder and say
 Every public name of these files is importable from here: ``from ijepa_viz.data import build_loader``.
 """
 from ijepa_viz.data.shapes import SHAPES_CLASSES, ShapesDataset, render_shapes
+from ijepa_viz.data.dots import DOTS_CLASSES, DotsDataset, render_dots
 from ijepa_viz.data.catalog import DataError, dataset_stats
 from ijepa_viz.data.transforms import ToRGB, augment_batch, build_transform, crop_params
 from ijepa_viz.data.datasets import ImageFolderDataset, build_dataset, class_names, num_classes
@@ -36,7 +39,7 @@ from ijepa_viz.data.cache import UInt8Cache, load_uint8
 from ijepa_viz.data.loaders import InMemoryLoader, StreamingLoader, build_loader
 
 __all__ = [
-    "DataError", "SHAPES_CLASSES", "ShapesDataset", "render_shapes", "dataset_stats", "build_transform",
+    "DataError", "SHAPES_CLASSES", "ShapesDataset", "render_shapes", "DOTS_CLASSES", "DotsDataset", "render_dots", "dataset_stats", "build_transform",
     "ToRGB", "ImageFolderDataset", "UInt8Cache", "crop_params", "augment_batch", "InMemoryLoader", "StreamingLoader",
     "build_dataset", "build_loader", "num_classes", "class_names", "load_uint8",
 ]

@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ijepa_viz.config import DataConfig
-from ijepa_viz.data.catalog import _FIXED_CLASSES, DataError, _check_split
+from ijepa_viz.data.catalog import BUILTIN, _FIXED_CLASSES, DataError, _check_split
 from ijepa_viz.data.datasets import (ImageFolderDataset, _bad_image, _first_image_size, _load_rgb,
                                      _torchvision_dataset)
-from ijepa_viz.data.shapes import SHAPES_CLASSES, render_shapes
 
 __all__ = ["UInt8Cache", "load_uint8"]
 
@@ -82,13 +81,13 @@ class UInt8Cache:
         the first ones). keep_native=True keeps a dataset's own resolution; False resizes to img_size."""
         _check_split(split)
         key = (cfg.name, os.path.abspath(os.path.expanduser(cfg.root)), split, limit, keep_native,
-               img_size if (cfg.name in ("shapes", "imagefolder") or not keep_native) else None,
-               (cfg.shapes_train_size, cfg.shapes_test_size) if cfg.name == "shapes" else None,
+               img_size if (cfg.name in (*BUILTIN, "imagefolder") or not keep_native) else None,
+               (cfg.shapes_train_size, cfg.shapes_test_size) if cfg.name in BUILTIN else None,
                cfg.on_bad_image if cfg.name == "imagefolder" else None)
         if key in _MEMO:
             return _MEMO[key]
-        if cfg.name == "shapes":
-            cache = cls._render_shapes(cfg, split, img_size, limit)
+        if cfg.name in BUILTIN:
+            cache = cls._render_builtin(cfg, split, img_size, limit)
         elif cfg.name == "imagefolder":
             ds = ImageFolderDataset(cfg.root, split, on_bad_image=cfg.on_bad_image)
             size = min(_first_image_size(ds)) if keep_native else img_size
@@ -103,7 +102,7 @@ class UInt8Cache:
         return cache
 
     @classmethod
-    def _render_shapes(cls, cfg: DataConfig, split: str, img_size: int, limit: Optional[int]) -> "UInt8Cache":
+    def _render_builtin(cls, cfg: DataConfig, split: str, img_size: int, limit: Optional[int]) -> "UInt8Cache":
         n = cfg.shapes_train_size if split == "train" else cfg.shapes_test_size
         n = n if limit is None else min(n, limit)
         chunk = 1024
@@ -111,8 +110,8 @@ class UInt8Cache:
         labels = torch.empty(n, dtype=torch.int64)
         for start in range(0, n, chunk):
             idx = np.arange(start, min(n, start + chunk))
-            images[idx[0]:idx[-1] + 1], labels[idx[0]:idx[-1] + 1] = render_shapes(idx, img_size, 0, split)
-        return cls(images, labels, SHAPES_CLASSES)
+            images[idx[0]:idx[-1] + 1], labels[idx[0]:idx[-1] + 1] = BUILTIN[cfg.name][1](idx, img_size, 0, split)
+        return cls(images, labels, _FIXED_CLASSES[cfg.name])
 
     @classmethod
     def _from_torchvision(cls, cfg: DataConfig, split: str, limit: Optional[int]) -> "UInt8Cache":

@@ -1,5 +1,5 @@
 """Per-image datasets: torchvision's (CIFAR-10/100, STL-10, Fashion-MNIST) and ImageFolder trees, with
-checked layouts, and `build_dataset`, which returns any of them (or 'shapes') with its transform.
+checked layouts, and `build_dataset`, which returns any of them (or a built-in one: 'shapes', 'dots') with its transform.
 
 An ImageFolder tree is `ROOT/train/<class>/*` with `ROOT/val/<class>/*` or `ROOT/test/<class>/*` (Tiny-ImageNet's
 val/ layout is read as well). Layout problems and unreadable images raise `DataError` naming the folder or
@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 
 from ijepa_viz.config import DataConfig
-from ijepa_viz.data.catalog import _FIXED_CLASSES, _STATS, _TORCHVISION_FOLDERS, DataError, _check_split
-from ijepa_viz.data.shapes import ShapesDataset
+from ijepa_viz.data.catalog import BUILTIN, _FIXED_CLASSES, _STATS, _TORCHVISION_FOLDERS, DataError, _check_split
 from ijepa_viz.data.transforms import _pil_to_rgb, build_transform
 
 __all__ = ["ImageFolderDataset", "build_dataset", "class_names", "num_classes"]
@@ -225,9 +224,9 @@ def build_dataset(cfg: DataConfig, split: str, img_size: int, train_transform: b
     """
     _check_split(split)
     transform = build_transform(cfg, img_size, train_transform)
-    if cfg.name == "shapes":
+    if cfg.name in BUILTIN:
         size = cfg.shapes_train_size if split == "train" else cfg.shapes_test_size
-        return ShapesDataset(split, img_size, size, seed=0, transform=transform)
+        return BUILTIN[cfg.name][0](split, img_size, size, seed=0, transform=transform)
     if cfg.name == "imagefolder":
         return ImageFolderDataset(cfg.root, split, transform=transform, on_bad_image=cfg.on_bad_image)
     if cfg.name in _TORCHVISION_FOLDERS:

@@ -1,0 +1,160 @@
+"""The built-in offline dataset 'dots': figures drawn with dots, where the class is the arrangement alone.
+
+10 classes (`DOTS_CLASSES`): a horizontal line, a vertical line, the two diagonals, a circle, a plus, an x, a
+square, a triangle and a corner. Each image draws its class's figure with `DOTS_PER_FIGURE` round dots, evenly
+spaced along the figure from a random starting point, each dot jittered, with its own random colour and size,
+on a flat background with per-pixel noise; the whole figure has a random size and position.
+
+Why this data teaches I-JEPA (numbers in the README's demo table, measured, not assumed):
+* A dot looks the same in every class, so no patch says the class on its own. Colour, size and noise are drawn
+  afresh for every dot and pixel, so a context block says nothing about them in a target block. What a context
+  block does say about a target block is where the figure goes next: whether the dots continue into it, and
+  along which direction. That is exactly the class.
+* An untrained ViT's average-pooled features are close to a bag of per-patch features; a bag of identical dots
+  hardly depends on how they are arranged, so the untrained encoder stays low. Raw pixels fail too: the
+  figure moves and scales from image to image.
+
+Every image is a pure function of (seed, split, index), rendered at any resolution; the label of image i is
+i % 10. This file shares only the counter-based hash of `shapes` (`_image_keys`, `_uniform`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ijepa_viz.data.shapes import _SPLIT_IDS, _image_keys, _uniform
+
+__all__ = ["DOTS_CLASSES", "DOTS_PER_FIGURE", "render_dots", "DotsDataset"]
+
+DOTS_CLASSES = ("hline", "vline", "diagonal", "antidiagonal", "circle", "plus", "x", "square", "triangle", "corner")
+DOTS_PER_FIGURE = 16  # dots per image, the same in every class (so the amount of "dot" says nothing)
+DOT_RADIUS = (0.04, 0.06)  # dot radius, a fraction of the image side (1.3-1.9 px at 32 px)
+FIGURE_HALF_SIZE = (0.22, 0.36)  # half the figure's extent, a fraction of the image side
+JITTER = 0.08  # each dot moves by up to +-JITTER/2 of the image side in x and y
+NOISE = 0.08  # per-pixel noise, +-NOISE around the background or dot colour
+
+
+def _figure(points: Sequence[tuple[float, float]], closed: bool = False) -> list[tuple[tuple, tuple]]:
+    """Segments of a polyline through `points` in [-1, 1]^2 (y points down, as in the image)."""
+    pts = list(points) + ([points[0]] if closed else [])
+    return [(pts[i], pts[i + 1]) for i in range(len(pts) - 1)]
+
+
+_CIRCLE = [(math.cos(2 * math.pi * k / 48), math.sin(2 * math.pi * k / 48)) for k in range(48)]
+# Each figure: a list of straight segments ((x0, y0), (x1, y1)), fitting in [-1, 1]^2.
+_FIGURES = {
+    "hline": _figure([(-1, 0), (1, 0)]),
+    "vline": _figure([(0, -1), (0, 1)]),
+    "diagonal": _figure([(-1, -1), (1, 1)]),
+    "antidiagonal": _figure([(-1, 1), (1, -1)]),
+    "circle": _figure(_CIRCLE, closed=True),
+    "plus": _figure([(-1, 0), (1, 0)]) + _figure([(0, -1), (0, 1)]),
+    "x": _figure([(-1, -1), (1, 1)]) + _figure([(-1, 1), (1, -1)]),
+    "square": _figure([(-1, -1), (1, -1), (1, 1), (-1, 1)], closed=True),
+    "triangle": _figure([(0, -1), (1, 0.8), (-1, 0.8)], closed=True),
+    "corner": _figure([(-1, -1), (-1, 1), (1, 1)]),
+}
+
+
+def _along(segments: list[tuple[tuple, tuple]], t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points at arc-length fractions t in [0, 1) along a figure: (x, y), each shaped like t."""
+    a = torch.tensor([s[0] for s in segments], dtype=torch.float32)  # (S, 2) segment starts
+    b = torch.tensor([s[1] for s in segments], dtype=torch.float32)  # (S, 2) segment ends
+    length = (b - a).norm(dim=1)
+    ends = torch.cumsum(length, 0) / length.sum()  # (S,) where each segment ends, as a fraction
+    seg = torch.searchsorted(ends, t.contiguous(), right=True).clamp_(max=len(segments) - 1)
+    start = ends[seg] - length[seg] / length.sum()
+    f = ((t - start) / (length[seg] / length.sum())).clamp_(0, 1)  # position within the segment
+    p = a[seg] + f.unsqueeze(-1) * (b[seg] - a[seg])
+    return p[..., 0], p[..., 1]
+
+
+# Layout of the per-image random numbers (columns of _uniform).
+_PER_IMAGE = 8  # background colour (3), figure half-size, centre (2), starting point, noise
+_PER_DOT = 6  # jitter (2), radius, colour (3)
+_NOISE_COUNTER = 1 << 20  # per-pixel noise uses counters from here on
+
+
+def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: int, seed: int = 0,
+                split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Render 'dots' images: (uint8 (N, 3, img_size, img_size), labels int64 (N,)).
+
+    Image `i` of (seed, split) is the same whatever batch it is rendered in; its label is `i % 10`.
+    """
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    n, k = len(indices), DOTS_PER_FIGURE
+    keys = _image_keys(seed, split, indices)
+    p = _uniform(keys, 0, _PER_IMAGE)  # (N, 8)
+    q = _uniform(keys, _PER_IMAGE, _PER_DOT * k).reshape(n, k, _PER_DOT)  # (N, K, 6)
+    labels = torch.from_numpy(indices % len(DOTS_CLASSES))
+
+    # -- the figure: K dots evenly spaced along it from a random start, then scaled, placed and jittered ------
+    bg = 0.2 + 0.6 * p[:, 0:3]  # (N, 3)
+    half = FIGURE_HALF_SIZE[0] + (FIGURE_HALF_SIZE[1] - FIGURE_HALF_SIZE[0]) * p[:, 3]  # (N,)
+    room = (1 - 2 * half - JITTER).clamp(min=0)  # how far the figure's centre can move and stay inside
+    cx, cy = 0.5 + (p[:, 4] - 0.5) * room, 0.5 + (p[:, 5] - 0.5) * room
+    t = (p[:, 6:7] + torch.arange(k) / k) % 1.0  # (N, K) arc-length fractions
+    fx, fy = torch.zeros(n, k), torch.zeros(n, k)
+    for c, name in enumerate(DOTS_CLASSES):
+        rows = labels == c
+        if rows.any():
+            fx[rows], fy[rows] = _along(_FIGURES[name], t[rows])
+    x = cx[:, None] + half[:, None] * fx + (q[..., 0] - 0.5) * JITTER  # (N, K) dot centres in [0, 1]
+    y = cy[:, None] + half[:, None] * fy + (q[..., 1] - 0.5) * JITTER
+    radius = DOT_RADIUS[0] + (DOT_RADIUS[1] - DOT_RADIUS[0]) * q[..., 2]  # (N, K)
+    colour = q[..., 3:6]  # (N, K, 3), kept at least 0.4 away from the background:
+    near = (colour - bg[:, None]).norm(dim=-1, keepdim=True) < 0.4
+    colour = torch.where(near, torch.remainder(bg[:, None] + 0.5, 1.0), colour)
+
+    # -- paint: a one-pixel anti-aliased disc per dot, later dots over earlier ones ------------------------
+    coords = (torch.arange(img_size, dtype=torch.float32) + 0.5) / img_size  # pixel centres in [0, 1]
+    img = bg[:, :, None, None].expand(n, 3, img_size, img_size).clone()  # (N, 3, H, W)
+    for j in range(k):
+        d = torch.sqrt((coords[None, None, :] - x[:, j, None, None]) ** 2
+                       + (coords[None, :, None] - y[:, j, None, None]) ** 2)  # (N, H, W)
+        alpha = ((radius[:, j, None, None] - d) * img_size + 0.5).clamp_(0, 1).unsqueeze(1)  # (N, 1, H, W)
+        img = torch.lerp(img, colour[:, j, :, None, None], alpha)
+
+    # -- per-pixel noise, then quantise ----------------------------------------------------------------
+    noise = _uniform(keys, _NOISE_COUNTER, img_size * img_size).reshape(n, 1, img_size, img_size) - 0.5
+    img = img + noise * (2 * NOISE)
+    return (img.clamp_(0, 1) * 255 + 0.5).to(torch.uint8), labels
+
+
+class DotsDataset(torch.utils.data.Dataset):
+    """The built-in offline dataset 'dots': 10 figures drawn with dots (`DOTS_CLASSES`, see `render_dots`).
+
+    `dataset[i]` is `(uint8 tensor (3, img_size, img_size), int label)`, or `(transform(image), label)` when a
+    transform is given. Images are a pure function of (seed, split, index), at any resolution.
+    """
+
+    classes = list(DOTS_CLASSES)
+
+    def __init__(self, split: str, img_size: int, size: int, seed: int = 0,
+                 transform: Optional[Callable] = None) -> None:
+        if split not in _SPLIT_IDS:
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.split, self.img_size, self.size, self.seed, self.transform = split, img_size, size, seed, transform
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def targets(self) -> list[int]:
+        return [i % len(DOTS_CLASSES) for i in range(self.size)]
+
+    def render_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fast path: (uint8 (N, 3, H, W), labels int64 (N,)) for many indices at once, untransformed."""
+        return render_dots(indices, self.img_size, self.seed, self.split)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for a 'dots' split of {self.size} images")
+        images, labels = self.render_batch([index])
+        image = images[0]
+        return (self.transform(image) if self.transform is not None else image), int(labels[0])
