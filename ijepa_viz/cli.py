@@ -223,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ijepa-viz eval --checkpoint NAME)")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("demo", help="train cpu-demo on shapes for ~3 minutes and write an HTML report",
-                       description="Offline demo: trains the cpu-demo preset on the built-in shapes dataset, "
+    p = sub.add_parser("demo", help="train cpu-demo on the built-in dots for ~3 minutes and write an HTML report",
+                       description="Offline demo: trains the cpu-demo preset on the built-in dots dataset, "
                                    "evaluates it against the untrained encoder and raw pixels, and writes "
                                    "report.html with figures, a computed verdict and the time of each phase.")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where to write the run and report")

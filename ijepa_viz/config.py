@@ -420,6 +420,7 @@ def _cpu_demo() -> Config:
     return _preset(
         model=dict(embed_dim=128, depth=4, num_heads=4, pred_embed_dim=64, pred_depth=2, pred_num_heads=2,
                    var_weight=1.0, cov_weight=0.04),
+        data=dict(name="dots"),
         optim=dict(lr=1.5e-3, start_lr=1e-4, warmup_epochs=0.3, ema_start=0.99, ema_end=0.999),
         train=dict(out_dir="runs/cpu-demo"),
     )

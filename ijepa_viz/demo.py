@@ -1,6 +1,6 @@
 """`ijepa-viz demo` / `make demo`: the main job, offline, in at most five minutes on a 2-core laptop CPU.
 
-It trains the `cpu-demo` preset on the built-in `shapes` dataset for a time budget, evaluates the
+It trains the `cpu-demo` preset on the built-in `dots` dataset for a time budget, evaluates the
 average-pooled target encoder with a linear probe and kNN against a randomly initialised encoder of the same
 architecture and raw pixels, and writes `report.html` with PNG figures: sampled masks, the loss curve, PCA and
 t-SNE of the trained and the untrained encoder's features side by side, and the probe accuracies, with a
@@ -54,7 +54,7 @@ def _estimate_steps(cfg: Config, seconds: float) -> int:
 
 def demo_config(out_dir: str | Path, quick: bool = False) -> Config:
     cfg = get_preset("cpu-demo")
-    sets = ["data.name=shapes", f"train.out_dir={out_dir}", "train.log_every=5", "train.checkpoint_every=100"]
+    sets = ["data.name=dots", f"train.out_dir={out_dir}", "train.log_every=5", "train.checkpoint_every=100"]
     return override(cfg, sets + (QUICK if quick else []))
 
 
@@ -73,7 +73,7 @@ def run_demo(out_dir: str | Path = "runs/demo", seconds: float = 180.0, quick: b
     if ckpt.exists():
         ckpt.unlink()  # a demo always starts fresh
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    print(f"training cpu-demo on shapes for {steps} steps (~{seconds:.0f} s budget) -> {out}")
+    print(f"training cpu-demo on {cfg.data.name} for {steps} steps (~{seconds:.0f} s budget) -> {out}")
     result = Trainer(cfg, callbacks=[_TimeBudget(seconds * 1.1)], progress=progress).fit()
     train_s = time.perf_counter() - start
 

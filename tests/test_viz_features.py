@@ -380,14 +380,14 @@ def test_untrained_model_is_seeded_and_leaves_the_global_rng_alone(cfg):
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters())) and not a.training
 
 
-def test_feature_model_shipped_is_the_shapes_model_offline():
+def test_feature_model_shipped_is_the_dots_model_offline():
     from ijepa_viz.pretrained import shipped
 
-    if fw.SHIPPED_MODELS["shapes"] not in shipped():
-        pytest.skip("the shapes weights are not installed")
+    if fw.SHIPPED_MODELS["dots"] not in shipped():
+        pytest.skip("the dots weights are not installed")
     model, cfg, about = fw.feature_model("shipped")
-    assert cfg.data.name == "shapes" and not model.training and model.target_encoder is not None
-    assert fw.SHIPPED_MODELS["shapes"] in about and f"{cfg.model.embed_dim} wide" in about
+    assert cfg.data.name == "dots" and not model.training and model.target_encoder is not None
+    assert fw.SHIPPED_MODELS["dots"] in about and f"{cfg.model.embed_dim} wide" in about
     assert "steps" in about  # how long it trained, read from its model card
     assert "shipped" in fw.feature_sources() and "notebook03" in fw.feature_sources()
     # the untrained model of the same config is the same network with other weights
@@ -471,14 +471,16 @@ def test_similarity_search_centre_subtracts_the_gallery_mean():
     assert np.allclose(given, cen, atol=1e-5)
 
 
-def test_new_shapes_and_drawn_picture_are_new_images(cfg):
-    imgs, labels = fx.new_shapes(10, 16)
+def test_new_images_and_drawn_picture_are_new_images(cfg):
+    imgs, labels = fx.new_images(cfg.data.name, 10, 16)
     assert imgs.shape == (10, 3, 16, 16) and imgs.dtype == torch.uint8 and list(labels) == list(range(10))
     test, _ = load_uint8(cfg.data, "test", 16, limit=10)
     train, _ = load_uint8(cfg.data, "train", 16, limit=10)
     assert not any(torch.equal(a, b) for a in imgs for b in torch.cat([test, train]))
     with pytest.raises(ValueError, match="seed 0"):
-        fx.new_shapes(2, 16, seed=0)
+        fx.new_images(cfg.data.name, 2, 16, seed=0)
+    with pytest.raises(ValueError, match="built-in"):
+        fx.new_images("cifar10", 2, 16)
     pic = fx.drawn_picture(32)
     assert pic.shape == (3, 32, 32) and pic.dtype == torch.uint8
     assert pic[:, 0, 0].tolist() == pytest.approx([150, 200, 240], abs=3)  # sky in the corner

@@ -187,9 +187,9 @@ def test_notebook_config_with_fixed_steps_needs_no_timing(tmp_path, monkeypatch)
     assert round(a.optim.warmup_epochs * per_epoch) == 4  # a tenth of the steps
 
 
-def test_notebook_config_quick_is_tiny_shapes(tmp_path):
+def test_notebook_config_quick_is_tiny_dots(tmp_path):
     cfg = widgets.notebook_config(quick=True, out_dir=tmp_path)
-    assert cfg.data.name == "shapes" and cfg.train.steps <= 10 and cfg.model.depth <= 2
+    assert cfg.data.name == "dots" and cfg.train.steps <= 10 and cfg.model.depth <= 2
     assert cfg.train.out_dir == str(tmp_path) and cfg.mask.min_keep < 9
 
 
@@ -198,7 +198,7 @@ def test_notebook_config_is_cpu_demo_logging_every_step(tmp_path, monkeypatch):
     monkeypatch.setattr(widgets, "REPO_ROOT", tmp_path)  # no data/ download here
     cfg = widgets.notebook_config(quick=False, out_dir=tmp_path, extra=["train.steps=40"])
     demo = ij_preset("cpu-demo")
-    assert cfg.data.name == "shapes" and cfg.train.log_every == 1  # a loss curve of every step
+    assert cfg.data.name == "dots" and cfg.train.log_every == 1  # a loss curve of every step
     assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.var_weight) == (demo.model.embed_dim, demo.model.depth,
                                                                              demo.model.var_weight)
     assert widgets.notebook_config(quick=False, out_dir=tmp_path, extra=["train.steps=40"],
@@ -213,7 +213,7 @@ def ij_preset(name):
 def test_local_cifar10_comes_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setattr(widgets, "REPO_ROOT", tmp_path / "repo")
     monkeypatch.delenv(widgets.CIFAR10_ENV, raising=False)
-    assert widgets.local_cifar10() is None  # nothing set, nothing downloaded: the notebooks use shapes
+    assert widgets.local_cifar10() is None  # nothing set, nothing downloaded: the notebooks use dots
     tree = tmp_path / "c10"
     (tree / "train" / "cat").mkdir(parents=True)
     (tree / "test" / "cat").mkdir(parents=True)
@@ -221,7 +221,7 @@ def test_local_cifar10_comes_from_the_environment(tmp_path, monkeypatch):
     assert widgets.local_cifar10() == tree
     cfg = widgets.notebook_config(quick=False, out_dir=tmp_path / "run", extra=["train.steps=5"])
     assert cfg.data.name == "imagefolder" and cfg.data.root == str(tree)
-    assert widgets.notebook_config(quick=True, out_dir=tmp_path / "run").data.name == "shapes"  # CI: never
+    assert widgets.notebook_config(quick=True, out_dir=tmp_path / "run").data.name == "dots"  # CI: never
     batches = tmp_path / "tv" / "cifar-10-batches-py"
     batches.mkdir(parents=True)
     for value in (batches.parent, batches):  # torchvision's folder, or the one that holds it

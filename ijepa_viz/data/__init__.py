@@ -32,14 +32,14 @@ Every public name of these files is importable from here: ``from ijepa_viz.data 
 """
 from ijepa_viz.data.shapes import SHAPES_CLASSES, ShapesDataset, render_shapes
 from ijepa_viz.data.dots import DOTS_CLASSES, DotsDataset, render_dots
-from ijepa_viz.data.catalog import DataError, dataset_stats
+from ijepa_viz.data.catalog import BUILTIN, DataError, dataset_stats
 from ijepa_viz.data.transforms import ToRGB, augment_batch, build_transform, crop_params
 from ijepa_viz.data.datasets import ImageFolderDataset, build_dataset, class_names, num_classes
 from ijepa_viz.data.cache import UInt8Cache, load_uint8
 from ijepa_viz.data.loaders import InMemoryLoader, StreamingLoader, build_loader
 
 __all__ = [
-    "DataError", "SHAPES_CLASSES", "ShapesDataset", "render_shapes", "DOTS_CLASSES", "DotsDataset", "render_dots", "dataset_stats", "build_transform",
+    "DataError", "SHAPES_CLASSES", "ShapesDataset", "render_shapes", "DOTS_CLASSES", "DotsDataset", "render_dots", "BUILTIN", "dataset_stats", "build_transform",
     "ToRGB", "ImageFolderDataset", "UInt8Cache", "crop_params", "augment_batch", "InMemoryLoader", "StreamingLoader",
     "build_dataset", "build_loader", "num_classes", "class_names", "load_uint8",
 ]

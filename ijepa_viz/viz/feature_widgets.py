@@ -334,8 +334,8 @@ def untrained_model(cfg: Config, seed: Optional[int] = None) -> IJEPA:
         return build_model(cfg.model, ema=cfg.train.ema).eval()
 
 
-# the shipped model for each dataset the notebooks can show; the shapes one is what CI and offline use
-SHIPPED_MODELS = {"shapes": "shapes-cpu-demo", "cifar10": "cifar10-cpu-tiny"}
+# the shipped model for each dataset the notebooks can show; the dots one is what CI and offline use
+SHIPPED_MODELS = {"dots": "dots-cpu-demo", "cifar10": "cifar10-cpu-tiny"}
 SOURCES = ("shipped", "notebook03", "cifar10")
 
 
@@ -394,8 +394,8 @@ def feature_sources() -> dict[str, str]:
 
     have = shipped()
     out = {}
-    if SHIPPED_MODELS["shapes"] in have:
-        out["shipped"] = f"the shipped model {SHIPPED_MODELS['shapes']!r}, trained on the built-in shapes (offline)"
+    if SHIPPED_MODELS["dots"] in have:
+        out["shipped"] = f"the shipped model {SHIPPED_MODELS['dots']!r}, trained on the built-in dots (offline)"
     out["notebook03"] = "the run you trained in notebook 03 (or a short run of its settings, trained on demand)"
     if SHIPPED_MODELS["cifar10"] in have:
         out["cifar10"] = (f"the shipped model {SHIPPED_MODELS['cifar10']!r}, on CIFAR-10 (its images must be on "
@@ -408,8 +408,8 @@ def feature_model(source: str = "shipped", quick: bool = False, verbose: bool = 
     """The model the feature notebooks (04, 05, 07) look at: (IJEPA in eval mode, its Config, a description).
 
     source:
-        'shipped' (default): the weights shipped with the package for the built-in `shapes` dataset
-            (`SHIPPED_MODELS['shapes']`), offline; the same in quick mode and in CI.
+        'shipped' (default): the weights shipped with the package for the built-in `dots` dataset
+            (`SHIPPED_MODELS['dots']`), offline; the same in quick mode and in CI.
         'notebook03': the run you trained in notebook 03 (`notebook_model(quick)`: its checkpoint, or a short
             fallback run of its settings trained here when it is missing).
         'cifar10': the shipped CIFAR-10 model, when it is installed and its images load: the ImageFolder tree
@@ -426,7 +426,7 @@ def feature_model(source: str = "shipped", quick: bool = False, verbose: bool = 
         model, cfg = notebook_model(quick=quick, verbose=verbose)
         return model, cfg, (f"notebook 03's run: ViT {cfg.model.embed_dim} wide, {cfg.model.depth} blocks, "
                             f"{cfg.model.img_size} px {cfg.data.name} images, {cfg.train.steps:,} steps")
-    name = SHIPPED_MODELS["shapes" if source == "shipped" else "cifar10"]
+    name = SHIPPED_MODELS["dots" if source == "shipped" else "cifar10"]
     if name not in shipped():
         have = ", ".join(shipped()) or "none"
         raise ValueError(f"source={source!r} needs the shipped model {name!r}, which this installation does not "

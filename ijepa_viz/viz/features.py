@@ -3,7 +3,7 @@
 Read top to bottom:
 
 1. Inputs: `as_input` turns uint8 images into the normalised floats the encoder expects, `to_uint8` back;
-   `resize` changes the resolution of uint8 images; `new_shapes` renders `shapes` images that are in no split
+   `resize` changes the resolution of uint8 images; `new_images` renders built-in images that are in no split
    of the dataset, and `drawn_picture` draws a picture unlike any of them (queries from outside the data).
 2. Embeddings: `embed` runs the target (or context) encoder over a set of images, average-pooled (what the
    paper evaluates) or per patch. Cached: the same model weights on the same images are encoded once.
@@ -44,7 +44,7 @@ from ijepa_viz.masks import MaskCollator, Masks
 from ijepa_viz.model import IJEPA, VisionTransformer, gather_tokens
 
 __all__ = [
-    "as_input", "to_uint8", "resize", "new_shapes", "drawn_picture", "NEW_SHAPES_SEED",
+    "as_input", "to_uint8", "resize", "new_images", "drawn_picture", "NEW_IMAGES_SEED",
     "encoder_of", "embed", "clear_cache", "position_mean", "position_share", "common_share", "mean_cosine",
     "pca_rgb", "remove_position", "pca_2d", "tsne_2d", "to_grid", "PredictionMaps", "prediction_maps",
     "prediction_colours", "PatchBank", "patch_bank", "patch_pixels", "Neighbours", "nearest_patches",
@@ -163,21 +163,24 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return x[0] if one else x
 
 
-NEW_SHAPES_SEED = 2718  # the dataset always renders with seed 0: images of this seed are in no split of it
+NEW_IMAGES_SEED = 2718  # the datasets always render with seed 0: images of this seed are in no split of them
 
 
-def new_shapes(n: int, img_size: int, seed: int = NEW_SHAPES_SEED, start: int = 0
+def new_images(dataset: str, n: int, img_size: int, seed: int = NEW_IMAGES_SEED, start: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`n` new `shapes` images: (uint8 (n, 3, S, S), labels (n,)).
+    """`n` new images of a built-in dataset ('dots' or 'shapes'): (uint8 (n, 3, S, S), labels (n,)).
 
-    Drawn by the dataset's own renderer (`data.render_shapes`, so the same kind of content and the same
-    classes), but with a seed the dataset never uses: none of them is a training, test or gallery image.
+    Drawn by the dataset's own renderer (`data.render_dots`, `data.render_shapes`: the same kind of content
+    and the same classes), but with a seed the dataset never uses: none of them is a training, test or gallery
+    image.
     """
-    from ijepa_viz.data import render_shapes
+    from ijepa_viz.data import BUILTIN
 
+    if dataset not in BUILTIN:
+        raise ValueError(f"dataset={dataset!r}: new images can be drawn for the built-in {', '.join(BUILTIN)}")
     if seed == 0:
         raise ValueError("seed 0 renders the dataset's own images; pick another seed for new ones")
-    return render_shapes(np.arange(start, start + n), img_size, seed=seed, split="test")
+    return BUILTIN[dataset][1](np.arange(start, start + n), img_size, seed, "test")
 
 
 def drawn_picture(img_size: int) -> torch.Tensor:

@@ -320,12 +320,12 @@ _DATASET_CACHE: dict = {}
 
 @functools.lru_cache(maxsize=32)
 def _dataset_image(name: str, index: int, img_size: int = 112) -> torch.Tensor:
-    """Image `index` of a dataset's test split, uint8 (3, S, S): 'shapes' is rendered at `img_size`
+    """Image `index` of a dataset's test split, uint8 (3, S, S): a built-in one ('shapes', 'dots') is rendered at `img_size`
     (no files needed); other datasets load through `ijepa_viz.data.load_uint8` at their own size."""
     from ijepa_viz import data
 
-    if name == "shapes":
-        return data.render_shapes([index], img_size, seed=0, split="test")[0][0]
+    if name in data.BUILTIN:
+        return data.BUILTIN[name][1]([index], img_size, 0, "test")[0][0]
     if name not in _DATASET_CACHE:
         from ijepa_viz.config import DataConfig
         size = 32 if name in ("cifar10", "cifar100") else 96
@@ -581,11 +581,11 @@ CIFAR10_ENV = "IJEPA_VIZ_CIFAR10"
 
 
 def local_cifar10() -> Optional[Path]:
-    """A CIFAR-10 on this machine for the notebooks, or None (they then train on the built-in 'shapes'):
+    """A CIFAR-10 on this machine for the notebooks, or None (they then train on the built-in 'dots'):
 
     1. `$IJEPA_VIZ_CIFAR10`: an ImageFolder tree (a folder with train/ and test/), or torchvision's
        `cifar-10-batches-py` folder or the folder that holds it. Any other value raises ValueError (a variable
-       that is set but wrong should not silently fall back to 'shapes');
+       that is set but wrong should not silently fall back to 'dots');
     2. `<repo>/data/cifar-10-batches-py`: torchvision's download (`--set data.download=true` once, online).
     """
     env = os.environ.get(CIFAR10_ENV, "").strip()
@@ -598,15 +598,15 @@ def local_cifar10() -> Optional[Path]:
         if root.name == "cifar-10-batches-py" and root.is_dir():
             return root.parent
         raise ValueError(f"${CIFAR10_ENV}={env!r} is neither an ImageFolder tree (train/ and test/ folders) nor "
-                         f"torchvision's cifar-10-batches-py; fix it, or unset it to use the built-in shapes")
+                         f"torchvision's cifar-10-batches-py; fix it, or unset it to use the built-in dots")
     if (REPO_ROOT / "data" / "cifar-10-batches-py").is_dir():
         return REPO_ROOT / "data"
     return None
 
 
-QUICK_OVERRIDES = [  # a 2-block, 64-wide ViT on 256 shapes: a handful of steps in a few seconds
+QUICK_OVERRIDES = [  # a 2-block, 64-wide ViT on 256 dots images: a handful of steps in a few seconds
     "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.pred_embed_dim=32", "model.pred_depth=1",
-    "data.name=shapes", "data.batch_size=32", "data.shapes_train_size=256", "data.shapes_test_size=128",
+    "data.name=dots", "data.batch_size=32", "data.shapes_train_size=256", "data.shapes_test_size=128",
     "train.steps=6", "train.log_every=1", "optim.warmup_epochs=0.25",
 ]
 # Normal mode: the preset as it is, a metrics row every step (a loss curve of hundreds of points, not a handful)
@@ -635,7 +635,7 @@ def steps_for_budget(cfg: Config, seconds: float, min_steps: int = 20, max_steps
 
 def _train_size(cfg: Config) -> int:
     """Training images of cfg.data (for the warmup length); counted on disk for an imagefolder."""
-    if cfg.data.name == "shapes":
+    if cfg.data.name in ("shapes", "dots"):
         return cfg.data.shapes_train_size
     if cfg.data.name == "imagefolder":
         return sum(1 for f in (Path(cfg.data.root) / "train").rglob("*") if f.is_file())
@@ -645,11 +645,11 @@ def _train_size(cfg: Config) -> int:
 def notebook_config(quick: bool, out_dir: Path | str = NOTEBOOK_RUN, extra: Sequence[str] = (),
                     budget_s: float = 150.0, preset: str = "cpu-demo") -> Config:
     """The training run of notebook 03: `preset` (default 'cpu-demo': a 4-block, 128-wide ViT/4 at 32 px with
-    VICReg terms and a faster EMA, which learns the built-in shapes within minutes) on 'shapes', or on
+    VICReg terms and a faster EMA, which learns the built-in dots within minutes) on 'dots', or on
     CIFAR-10 when `local_cifar10` finds one, for as many steps as fit in `budget_s` seconds on this machine
     (`steps_for_budget`, leaving `DASHBOARD_OVERHEAD` for the dashboard), with a warmup of a tenth of them and
     a metrics row every step. `quick` shrinks it
-    to a 2-block model for 6 steps, always on 'shapes'. `extra` overrides come last; a 'train.steps=N' among
+    to a 2-block model for 6 steps, always on 'dots'. `extra` overrides come last; a 'train.steps=N' among
     them replaces the timing (the config is then the same on every machine)."""
     from ijepa_viz.config import get_preset
 
