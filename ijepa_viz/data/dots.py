@@ -35,7 +35,6 @@ DOT_RADIUS = (0.04, 0.06)  # dot radius, a fraction of the image side (1.3-1.9 p
 FIGURE_HALF_SIZE = (0.22, 0.36)  # half the figure's extent, a fraction of the image side
 JITTER = 0.08  # each dot moves by up to +-JITTER/2 of the image side in x and y
 NOISE = 0.08  # per-pixel noise, +-NOISE around the background or dot colour
-TILE_NOISE, TILES = 0.0, 8  # a TILES x TILES grid of flat tiles, each shifted in colour by up to +-TILE_NOISE
 
 
 def _figure(points: Sequence[tuple[float, float]], closed: bool = False) -> list[tuple[tuple, tuple]]:
@@ -77,7 +76,6 @@ def _along(segments: list[tuple[tuple, tuple]], t: torch.Tensor) -> tuple[torch.
 _PER_IMAGE = 8  # background colour (3), figure half-size, centre (2), starting point, noise
 _PER_DOT = 6  # jitter (2), radius, colour (3)
 _NOISE_COUNTER = 1 << 20  # per-pixel noise uses counters from here on
-_TILE_COUNTER = 1 << 19  # tile noise uses counters from here on
 
 
 def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: int, seed: int = 0,
@@ -125,9 +123,6 @@ def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: in
     # -- per-pixel noise, then quantise ----------------------------------------------------------------
     noise = _uniform(keys, _NOISE_COUNTER, img_size * img_size).reshape(n, 1, img_size, img_size) - 0.5
     img = img + noise * (2 * NOISE)
-    if TILE_NOISE:
-        tiles = _uniform(keys, _TILE_COUNTER, 3 * TILES * TILES).reshape(n, 3, TILES, TILES) - 0.5
-        img = img + torch.nn.functional.interpolate(tiles * (2 * TILE_NOISE), size=(img_size, img_size))
     return (img.clamp_(0, 1) * 255 + 0.5).to(torch.uint8), labels
 
 
