@@ -184,7 +184,7 @@ def new_images(dataset: str, n: int, img_size: int, seed: int = NEW_IMAGES_SEED,
 
 
 def drawn_picture(img_size: int) -> torch.Tensor:
-    """A small picture drawn with a few PIL strokes, unlike any `shapes` image: a house (a square and a
+    """A small picture drawn with a few PIL strokes, unlike any built-in image: a house (a square and a
     triangular roof), a round sun and a strip of grass on a sky-blue background. uint8 (3, S, S).
 
     It belongs to none of the dataset's classes: a query from outside the data, with no right answer.

@@ -12,7 +12,7 @@ Where the notebooks keep their run: `NOTEBOOK_RUN` (`<runs>/notebook`, checkpoin
 `<runs>` is `$IJEPA_VIZ_RUNS` if set (relative paths count from the repository root) or `<repo>/runs`.
 Notebook 03 writes the checkpoint there and the later notebooks read it.
 
-Data: the notebooks train on the built-in `shapes` dataset (rendered on the fly: offline, and what CI uses).
+Data: the notebooks train on the built-in `dots` dataset (rendered on the fly: offline, and what CI uses).
 To train notebook 03 on real CIFAR-10 instead, set `IJEPA_VIZ_CIFAR10` to a copy of it before starting
 Jupyter: an ImageFolder tree (`<dir>/train/<class>/*.png` and `<dir>/test/...`) or the folder that holds
 torchvision's `cifar-10-batches-py` (`local_cifar10`). A torchvision download into `<repo>/data` is used
