@@ -164,8 +164,8 @@ def test_dots_classes_differ_only_in_arrangement():
     per_class_area = torch.stack([area[labels == c].mean() for c in range(10)])
     per_class_colour = torch.stack([colour[labels == c].mean(0) for c in range(10)])
     # The same number of the same dots in every class; on the shortest figures (the lines) neighbours overlap,
-    # so there they cover less: 0.077 of the image on the lines against 0.135 on the square, at 64 px.
-    assert per_class_area.max() / per_class_area.min() < 2
+    # so there they cover less: 0.072 of the image on the lines against 0.101 on the circle, at 64 px.
+    assert per_class_area.max() / per_class_area.min() < 1.6
     assert (per_class_colour.max(0).values - per_class_colour.min(0).values).max() < 25  # of 255
     ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
 

@@ -31,8 +31,8 @@ __all__ = ["DOTS_CLASSES", "DOTS_PER_FIGURE", "render_dots", "DotsDataset"]
 
 DOTS_CLASSES = ("hline", "vline", "diagonal", "antidiagonal", "circle", "plus", "x", "square", "triangle", "corner")
 DOTS_PER_FIGURE = 16  # dots per image, the same in every class (so the amount of "dot" says nothing)
-DOT_RADIUS = (0.04, 0.06)  # dot radius, a fraction of the image side (1.3-1.9 px at 32 px)
-FIGURE_HALF_SIZE = (0.22, 0.36)  # half the figure's extent, a fraction of the image side
+DOT_RADIUS = (0.035, 0.05)  # dot radius, a fraction of the image side (1.1-1.6 px at 32 px)
+FIGURE_HALF_SIZE = (0.30, 0.44)  # half the figure's extent, a fraction of the image side
 JITTER = 0.08  # each dot moves by up to +-JITTER/2 of the image side in x and y
 NOISE = 0.08  # per-pixel noise, +-NOISE around the background or dot colour
 
