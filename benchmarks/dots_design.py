@@ -1,0 +1,107 @@
+"""How the design of the built-in 'dots' data and the cpu-demo recipe were chosen: one short run, three probes.
+
+Trains `--preset` (default cpu-demo) on dots images for `--steps` steps, then fits the linear probe and kNN on
+the average-pooled target encoder, the untrained encoder of the same seed, and raw pixels (the three rows of
+`make demo`, on fewer probe images: `--probe-train` 4,000 of the 10,000 training images, 2,000 test images).
+Module constants of `ijepa_viz.data.dots` can be changed for the run (`--dots NAME=VALUE`), so a design is
+tried without editing the renderer; config keys with `--set`, as in the CLI.
+
+    python benchmarks/dots_design.py --steps 500 --dots "DOT_RADIUS=(0.05,0.07)" --set model.pred_depth=1
+
+Appends one JSON line per run to benchmarks/results/dots_design.jsonl (the command is in it).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ijepa_viz.data.dots as dots
+from ijepa_viz.config import get_preset, override
+from ijepa_viz.data import InMemoryLoader, UInt8Cache
+from ijepa_viz.evaluate import _random_init, extract_features, knn_classifier, linear_probe, raw_pixel_features
+from ijepa_viz.model import rankme
+from ijepa_viz.train import Trainer
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=500, help="training steps (0: baselines only)")
+    p.add_argument("--preset", default="cpu-demo")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--dots", action="append", default=[], metavar="NAME=VALUE",
+                   help="a module constant of ijepa_viz.data.dots for this run, e.g. DOTS_PER_FIGURE=20")
+    p.add_argument("--seed", type=int, default=0, help="training seed (the images are always seed 0)")
+    p.add_argument("--train-images", type=int, default=10000)
+    p.add_argument("--probe-train", type=int, default=4000, help="the first N training images fit the probes")
+    p.add_argument("--test-images", type=int, default=2000)
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--out", default=str(HERE / "results" / "dots_design.jsonl"))
+    args = p.parse_args(argv)
+
+    for item in args.dots:
+        name, value = item.split("=", 1)
+        if not hasattr(dots, name):
+            p.error(f"--dots {item}: ijepa_viz.data.dots has no constant {name!r}")
+        setattr(dots, name, ast.literal_eval(value))
+    start = time.perf_counter()
+    size = args.img_size
+    train_u8, train_y = dots.render_dots(np.arange(args.train_images), size, 0, "train")
+    test_u8, test_y = dots.render_dots(np.arange(args.test_images), size, 0, "test")
+    pixels = train_u8.float() / 255
+    mean, std = pixels.mean((0, 2, 3)).tolist(), pixels.std((0, 2, 3)).tolist()
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = override(get_preset(args.preset), [
+            "data.name=dots", f"model.img_size={size}", f"train.out_dir={run_dir}", "train.log_every=25",
+            "train.checkpoint_every=1000000", "train.checkpoint_minutes=0", f"train.seed={args.seed}",
+            f"train.steps={max(args.steps, 1)}"] + args.set)
+        row = {"command": "python benchmarks/dots_design.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+               "steps": args.steps, "dots": args.dots, "set": args.set, "seed": args.seed}
+        encoders = {"untrained": _random_init(cfg, args.seed).target_network}
+        if args.steps:
+            loader = InMemoryLoader(UInt8Cache(train_u8, train_y, list(dots.DOTS_CLASSES)), cfg.data.batch_size,
+                                    size, mean, std, train=True, crop_scale=cfg.data.crop_scale,
+                                    hflip=cfg.data.hflip, seed=args.seed)
+            tick = time.perf_counter()
+            result = Trainer(cfg, loader=loader, progress=False).fit()
+            row["train_s"] = round(time.perf_counter() - tick, 1)
+            row["loss_every_sixth"] = [round(h["loss"], 4) for h in result.history[::max(1, len(result.history) // 6)]]
+            encoders = {"ijepa": result.model.eval().target_network, **encoders}
+
+    def normalised(u8: torch.Tensor) -> torch.Tensor:
+        return (u8.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+    def features(encoder, u8, y):
+        batches = [(normalised(u8[i:i + 500]), y[i:i + 500]) for i in range(0, len(u8), 500)]
+        return extract_features(encoder, batches, progress=False)[0]
+
+    fit_u8, fit_y = train_u8[:args.probe_train], train_y[:args.probe_train]
+    for name, encoder in encoders.items():
+        f_fit, f_test = features(encoder, fit_u8, fit_y), features(encoder, test_u8, test_y)
+        probe = linear_probe(f_fit, fit_y, f_test, test_y)
+        row[f"{name}_linear"] = round(100 * probe["accuracy"], 1)
+        row[f"{name}_C"] = probe["C"]
+        row[f"{name}_knn"] = round(100 * knn_classifier(f_fit, fit_y, f_test, test_y), 1)
+        row[f"{name}_rankme"] = round(float(rankme(f_test)), 1)
+    row["pixels_linear"] = round(100 * linear_probe(raw_pixel_features(fit_u8), fit_y, raw_pixel_features(test_u8),
+                                                    test_y)["accuracy"], 1)
+    row["total_s"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(row), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+if __name__ == "__main__":
+    main()
