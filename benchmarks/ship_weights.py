@@ -4,7 +4,7 @@ The weights are rounded to float16 first and the evaluation runs on what ships: 
 probe and kNN beside the untrained encoder and raw pixels (`ijepa_viz.evaluate.evaluate`), on the data the
 checkpoint was trained on unless --data/--data-root say otherwise.
 
-    python benchmarks/ship_weights.py --checkpoint runs/ship-shapes/checkpoint.pt --name shapes-cpu-demo \
+    python benchmarks/ship_weights.py --checkpoint runs/ship-dots/checkpoint.pt --name dots-cpu-demo \
         --description "..." --command "ijepa-viz train ..." [--limit-train 10000] [--limit-test 2000]
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ The few names a notebook needs, in one namespace:
 
     cfg = ij.get_preset("cpu-tiny")                      # Config: model, mask, data, optim, train
     cfg = ij.override(cfg, ["optim.lr=5e-4"])            # the CLI's --set, as a function
-    model, cfg = ij.load_pretrained("shapes-cpu-demo")   # shipped weights, offline, with model.card
+    model, cfg = ij.load_pretrained("dots-cpu-demo")     # shipped weights, offline, with model.card
     result = ij.train(cfg)                               # Trainer(cfg).fit(): model, history, checkpoint
     model, cfg = ij.load_model("runs/x/checkpoint.pt")   # a training checkpoint
     model, cfg = ij.load_official("IN1K-vit.h.14-300e.pth.tar")  # a checkpoint of the official code

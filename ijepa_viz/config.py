@@ -64,7 +64,7 @@ class MaskConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "shapes"  # shapes | dots | cifar10 | cifar100 | stl10 | fashion_mnist | imagefolder
+    name: str = "dots"  # dots | shapes | cifar10 | cifar100 | stl10 | fashion_mnist | imagefolder
     root: str = "data"  # download or ImageFolder root (ignored by the built-in 'shapes' and 'dots')
     download: bool = True  # let torchvision download a missing dataset
     batch_size: int = 128  # images per optimiser step, over all processes
@@ -418,7 +418,8 @@ def _cpu_demo() -> Config:
     #   raw pixels (benchmarks/results/dots_design.jsonl). On the earlier dots design, doubling the steps, a
     #   1-block predictor, 2 targets, smaller targets, lr 3e-3 or a 5x weaker regulariser each moved it by
     #   under 2.5 points (or lost); the design of the data moved it by 18 (its margin over untrained: 12 -> 22).
-    # - On 'shapes' it learns little: 19.7% against 17.9% untrained after 1,500 steps (shapes-cpu-demo).
+    # - On 'shapes' it learns little: 19.7% against 17.9% untrained after 1,500 steps (the shapes-cpu-demo weights
+    #   shipped before dots, at commit 91740a8).
     return _preset(
         model=dict(embed_dim=128, depth=4, num_heads=4, pred_embed_dim=64, pred_depth=2, pred_num_heads=2,
                    var_weight=1.0, cov_weight=0.04),

@@ -10,10 +10,10 @@ Nobody publishes I-JEPA weights small enough for a laptop, so this toolkit train
   measured on the float16 weights as shipped.
 
     import ijepa_viz as ij
-    model, cfg = ij.load_pretrained("shapes-cpu-demo")   # an IJEPA in eval mode, and its Config
+    model, cfg = ij.load_pretrained("dots-cpu-demo")     # an IJEPA in eval mode, and its Config
     print(model.card["eval"]["summary"])
 
-`ijepa-viz eval --checkpoint shapes-cpu-demo` evaluates a shipped model by name. `benchmarks/ship_weights.py`
+`ijepa-viz eval --checkpoint dots-cpu-demo` evaluates a shipped model by name. `benchmarks/ship_weights.py`
 makes the files from a training checkpoint.
 """
 from __future__ import annotations

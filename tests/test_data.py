@@ -103,7 +103,9 @@ def _same(a: list, b: list) -> bool:
 
 def test_shapes_classes_are_ten_distinct_names():
     assert len(D.SHAPES_CLASSES) == 10 == len(set(D.SHAPES_CLASSES))
-    assert D.num_classes(DataConfig()) == 10 and D.class_names(DataConfig()) == list(D.SHAPES_CLASSES)
+    shapes = DataConfig(name="shapes")
+    assert D.num_classes(shapes) == 10 and D.class_names(shapes) == list(D.SHAPES_CLASSES)
+    assert DataConfig().name == "dots"  # the default: the built-in data a short run learns
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -126,7 +128,7 @@ def test_shapes_deterministic_and_batch_independent():
 
 
 def test_shapes_build_dataset_gives_normalised_float():
-    ds = D.build_dataset(DataConfig(shapes_test_size=8), "test", 32, train_transform=False)
+    ds = D.build_dataset(DataConfig(name="shapes", shapes_test_size=8), "test", 32, train_transform=False)
     x, y = ds[3]
     assert len(ds) == 8 and x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 3
     mean, std = D.dataset_stats("shapes")
@@ -353,7 +355,7 @@ def test_bad_image_skip_warns_and_skips(image_tree):
 
 @pytest.fixture(scope="module")
 def shapes_cache() -> D.UInt8Cache:
-    return D.UInt8Cache.build(DataConfig(shapes_train_size=200), "train", 32)
+    return D.UInt8Cache.build(DataConfig(name="shapes", shapes_train_size=200), "train", 32)
 
 
 def _loader(cache: D.UInt8Cache, **kw) -> D.InMemoryLoader:

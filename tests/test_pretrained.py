@@ -12,7 +12,7 @@ from ijepa_viz.model import IJEPA
 from ijepa_viz.pretrained import load_shipped, round_trip, save_shipped, shipped
 from ijepa_viz.viz.verdicts import probe_verdict
 
-SHAPES = "shapes-cpu-demo"
+DOTS = "dots-cpu-demo"
 
 
 def _tiny_cfg():
@@ -48,19 +48,19 @@ def test_only_ema_models_ship(tmp_path):
         save_shipped(IJEPA(cfg.model, ema=False), cfg, "x", {}, folder=tmp_path)
 
 
-@pytest.mark.skipif(SHAPES not in shipped(), reason="the shapes weights are not installed")
-def test_shipped_shapes_model_loads_offline_with_its_card():
-    model, cfg = ij.load_pretrained(SHAPES)
+@pytest.mark.skipif(DOTS not in shipped(), reason="the dots weights are not installed")
+def test_shipped_dots_model_loads_offline_with_its_card():
+    model, cfg = ij.load_pretrained(DOTS)
     card = model.card
     for key in ("command", "commit", "steps", "epochs", "train_seconds", "eval"):
         assert key in card, key
     assert [r["name"] for r in card["eval"]["rows"]] == ["ijepa (target encoder)", "random init", "raw pixels"]
-    assert card["command"].startswith("ijepa-viz train") and cfg.data.name == "shapes"
+    assert card["command"].startswith("ijepa-viz train") and cfg.data.name == "dots"
     assert model.predictor is not None and model.target_encoder is not None
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(SHAPES not in shipped(), reason="the shapes weights are not installed")
+@pytest.mark.skipif(DOTS not in shipped(), reason="the dots weights are not installed")
 def test_probe_verdict_follows_real_features_of_shipped_and_untrained_models(capsys):
     """On real features, each clause of the sentence says 'beats' exactly when the measured margin is beyond
     the noise, for the shipped model and for the untrained one put in its place (where there is nothing to
@@ -69,7 +69,8 @@ def test_probe_verdict_follows_real_features_of_shipped_and_untrained_models(cap
     from ijepa_viz.evaluate import _random_init, evaluate
     from ijepa_viz.viz.verdicts import probe_margins
 
-    model, cfg = ij.load_pretrained(SHAPES)
+    model, cfg = ij.load_pretrained(DOTS)
+    texts = []
     for candidate in (model, _random_init(cfg, cfg.train.seed)):
         result = evaluate(model=candidate, cfg=cfg, probes=("linear",), limit_train=1000, limit_test=500,
                           progress=False)
@@ -78,8 +79,12 @@ def test_probe_verdict_follows_real_features_of_shipped_and_untrained_models(cap
         assert ("beats the untrained encoder by" in text) == beats_untrained, text
         assert ("has not learned yet" in text) == (not beats_untrained), text
         assert ("beats raw pixels by" in text) == (m["vs_pixels"] > m["noise_pixels"]), text
-    assert "does NOT beat the untrained encoder" in text  # the untrained model against itself
+        texts.append(text)
+    # The shipped model has learned (its card: 49.2% against 31.0% untrained on 2,000 test images), and the
+    # sentence says so; put the untrained model in its place and the same code says it has not.
+    assert "beats the untrained encoder by" in texts[0], texts[0]
+    assert "does NOT beat the untrained encoder" in texts[1], texts[1]
     # the eval command takes the shipped name too
-    assert main(["eval", "--checkpoint", SHAPES, "--probe", "knn", "--limit-train", "200", "--limit-test", "100",
+    assert main(["eval", "--checkpoint", DOTS, "--probe", "knn", "--limit-train", "200", "--limit-test", "100",
                  "--quiet"]) == 0
     assert "ijepa (target encoder)" in capsys.readouterr().out
