@@ -417,8 +417,8 @@ def test_evaluate_reuses_the_split_the_training_loader_decoded(tiny_checkpoint, 
     model, cfg = load_model(tiny_checkpoint[0])
     UInt8Cache.clear_memo()
     build_loader(cfg.data, "train", cfg.model.img_size, train=True, seed=0)  # what training decoded
-    rendered, real = [], UInt8Cache._render_shapes.__func__
-    monkeypatch.setattr(UInt8Cache, "_render_shapes",
+    rendered, real = [], UInt8Cache._render_builtin.__func__
+    monkeypatch.setattr(UInt8Cache, "_render_builtin",
                         classmethod(lambda cls, data, split, *a: rendered.append(split) or real(cls, data, split, *a)))
     E.evaluate(model=model, cfg=cfg, progress=False)
     assert rendered == ["test"]  # the training split came from memory, and each split is made once
