@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
@@ -89,11 +90,41 @@ def _rescale_blocks(blocks: nn.ModuleList) -> None:
         blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
 
 
+class Attention(TimmAttention):
+    """Multi-head self-attention: timm's module and parameters (`qkv`, `proj`), its forward written out.
+
+        q, k, v = split(x W_qkv + b_qkv) into H heads of d = D / H dims each,
+        out = concat over heads of softmax(q k^T / sqrt(d)) v,  then the projection `proj`.
+
+    The softmax runs in float32 even under bf16 autocast. Its inputs and the rounding of its output to bf16 are
+    those of the bf16 kernel (which also computes in float32 inside), but PyTorch's bf16 softmax on CPU is 3-6x
+    slower at these sizes: with its backward it took 5% of a CPU training step, in float32 half that
+    (benchmarks/README.md, "Profile of one step").
+    `set_attention(model, 'sdpa')` (`fused_attn`) uses F.scaled_dot_product_attention instead. No dropout on the
+    attention weights: I-JEPA uses none.
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("I-JEPA's attention has no mask")
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, N, d)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N): scale = 1 / sqrt(d)
+            attn = attn.softmax(dim=-1, dtype=torch.float32)
+            x = attn.to(v.dtype) @ v  # (B, H, N, d)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # heads concatenated: (B, N, D)
+
+
 def _blocks(dim, depth, heads, mlp_ratio, qkv_bias, drop_path, eps) -> nn.ModuleList:
     dpr = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth decay rule
     norm = partial(nn.LayerNorm, eps=eps)
     return nn.ModuleList(
-        Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm)
+        Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm,
+              attn_layer=Attention)
         for i in range(depth)
     )
 
@@ -125,6 +156,10 @@ class VisionTransformer(nn.Module):
     def embed(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Patch embedding plus positions, then (optionally) keep tokens: (B, C, H, W) -> (B, K or N, D)."""
         x = self.patch_embed(images) + self.pos_embed  # (B, N, D): positions added BEFORE masking
+        # The conv leaves x as (B, D, N) in memory; one copy to (B, N, D) here spares a copy in every LayerNorm
+        # of the full-image (target) forward, and mixed layouts in its residual adds: about 5% of a CPU training
+        # step (benchmarks/README.md, "Profile of one step").
+        x = x.contiguous()
         return x if keep is None else gather_tokens(x, keep)  # (B, K, D)
 
     def forward(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from ijepa_viz.config import MaskConfig, ModelConfig
 from ijepa_viz.masks import MaskCollator, Masks
-from ijepa_viz.model import IJEPA, Predictor, VisionTransformer, build_model, gather_tokens, sincos_pos_embed_2d
+from ijepa_viz.model import (IJEPA, Attention, Predictor, VisionTransformer, build_model, gather_tokens,
+                             set_attention, sincos_pos_embed_2d)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference as ref  # noqa: E402
@@ -49,12 +50,13 @@ def hand_masks(B=3, M=2, seed=0, nc=6, k=3) -> Masks:
     return Masks(ctx, tgt, none, none[:, None].expand(B, M, 4).clone(), (GRID, GRID))
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    """An IJEPA whose three networks hold the (different) random weights of a fake official checkpoint."""
+@pytest.fixture(scope="module", params=["sdpa", "math"])
+def loaded(request):
+    """An IJEPA whose three networks hold the (different) random weights of a fake official checkpoint, with
+    either attention implementation (`set_attention`): both must compute the official forward."""
     ckpt = ref.fake_official_checkpoint(img_size=IMG, patch_size=PATCH, embed_dim=32, depth=2, pred_dim=16,
                                         pred_depth=2, seed=1)
-    model = IJEPA(tiny_cfg(pred_depth=2)).eval()
+    model = set_attention(IJEPA(tiny_cfg(pred_depth=2)).eval(), request.param)
     model.encoder.load_state_dict(ref.strip_module(ckpt["encoder"]), strict=True)
     model.target_encoder.load_state_dict(ref.strip_module(ckpt["target_encoder"]), strict=True)
     model.predictor.load_state_dict(ref.strip_module(ckpt["predictor"]), strict=True)
@@ -188,6 +190,25 @@ def test_full_forward_matches_reference_targets_and_loss(loaded):
         for m in range(M):
             torch.testing.assert_close(out.target[b, m], h[m * B + b], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, F.smooth_l1_loss(p, h), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("B,N,D,heads", [(4, 64, 192, 3), (16, 22, 96, 3)])
+def test_attention_float32_softmax_matches_timm_under_bf16_autocast(B, N, D, heads):
+    """`Attention` takes the softmax in float32 where timm's forward takes it in bf16 under autocast; the outputs
+    agree to bf16 rounding, and exactly without autocast."""
+    from timm.layers import Attention as TimmAttention
+
+    torch.manual_seed(0)
+    attn = set_attention(Attention(D, heads, qkv_bias=True), "math")
+    for p in attn.parameters():
+        torch.nn.init.trunc_normal_(p, std=0.02)  # the official init: logits of the size training sees
+    x = F.layer_norm(torch.randn(B, N, D), (D,))
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), TimmAttention.forward(attn, x), rtol=1e-6, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours, timm_out = attn(x), TimmAttention.forward(attn, x)
+    assert ours.dtype == timm_out.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), timm_out.float(), rtol=2 ** -7, atol=1e-3)
 
 
 # -- shapes, dtypes, strategies ------------------------------------------------------------------
