@@ -430,7 +430,14 @@ class Trainer:
         masks = self.collator.sample(batch_len * W, step=self.step)
         if W > 1:
             masks = masks.rows(slice(self.dist.rank, None, W))  # the loader shards the batch the same way
-        return masks.to(self.device, non_blocking=True)
+        masks = masks.to(self.device, non_blocking=True)
+        if self.cfg.train.compile:
+            # The context and target lengths change from batch to batch: symbols from the first compile on, rather
+            # than a first graph for one (context, target) pair that the next batch recompiles. PyTorch still
+            # specialises on the target length: one graph per target block area (2 at the 8x8 grid's defaults).
+            torch._dynamo.maybe_mark_dynamic(masks.context, 1)
+            torch._dynamo.maybe_mark_dynamic(masks.targets, 2)
+        return masks
 
     def train_step(self, images: torch.Tensor) -> dict:
         """One optimiser step on a batch of images (B, C, H, W); returns the step's metrics."""
