@@ -145,7 +145,7 @@ def cmd_bench(args) -> int:
         raise UserError(f"--modes {args.modes!r}: choose from {', '.join(MODES)}")
     if args.quick:
         args.steps, args.warmup, args.data_batches, args.peak_seconds = 2, 1, 2, 0.2
-    result = run_bench(cfg, modes, args.steps, args.warmup, args.data_batches, args.peak_seconds)
+    result = run_bench(cfg, modes, args.steps, args.warmup, args.data_batches, args.peak_seconds, args.rounds)
     print(format_bench(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="fp32-eager,optimised", help=f"comma-separated: {', '.join(bench.MODES)}")
     p.add_argument("--steps", type=_positive_int, default=20, help="timed steps per mode (default 20)")
     p.add_argument("--warmup", type=_positive_int, default=5, help="untimed warm-up steps per mode")
+    p.add_argument("--rounds", type=_positive_int, default=5,
+                   help="the modes are timed in turn, a share of the steps each, this many times (default 5)")
     p.add_argument("--data-batches", type=int, default=20, help="batches for the data-pipeline timing (0: skip)")
     p.add_argument("--peak-seconds", type=float, default=1.0, help="time spent measuring each matmul peak")
     p.add_argument("--quick", action="store_true", help="a few steps only (tests)")

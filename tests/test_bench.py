@@ -16,13 +16,17 @@ def test_bench_quick_writes_every_field(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "matmul peak" in printed and "fp32-eager" in printed and "optimised" in printed
     result = json.loads(out.read_text())
-    assert set(result) >= {"config", "machine", "matmul_peak_gflops", "steps", "data_imgs_per_s", "peak_memory_mb"}
+    assert set(result) >= {"config", "machine", "matmul_peak_gflops", "steps", "data_imgs_per_s", "peak_memory_mb",
+                           "load_avg_1min"}
     assert result["matmul_peak_gflops"]["fp32"] > 0 and result["matmul_peak_gflops"]["bf16"] > 0
     for row in result["steps"]:
         assert set(row) >= {"mode", "dtype", "imgs_per_s", "step_ms", "flops_per_img", "gflops_per_s", "mfu",
-                            "speedup_vs_fp32_eager"}
+                            "speedup_vs_fp32_eager", "speedup_vs_optimised", "warmup_s"}
         assert row["imgs_per_s"] > 0 and row["flops_per_img"] > 0 and 0 < row["mfu"]
+        assert len(row["step_ms_all"]) == 2  # --quick: 2 timed steps per mode
     assert result["steps"][0]["speedup_vs_fp32_eager"] == 1.0
+    assert result["steps"][1]["speedup_vs_optimised"] == 1.0
+    assert "vs opt." in printed and "load average" in printed
     assert result["data_imgs_per_s"] > 0
 
 
