@@ -20,12 +20,12 @@ i % 10. This file shares only the counter-based hash of `shapes` (`_image_keys`,
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from ijepa_viz.data.shapes import _SPLIT_IDS, _image_keys, _uniform
+from ijepa_viz.data.shapes import _SPLIT_IDS, RenderedDataset, _image_keys, _uniform
 
 __all__ = ["DOTS_CLASSES", "DOTS_PER_FIGURE", "render_dots", "DotsDataset"]
 
@@ -126,35 +126,11 @@ def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: in
     return (img.clamp_(0, 1) * 255 + 0.5).to(torch.uint8), labels
 
 
-class DotsDataset(torch.utils.data.Dataset):
+class DotsDataset(RenderedDataset):
     """The built-in offline dataset 'dots': 10 figures drawn with dots (`DOTS_CLASSES`, see `render_dots`).
 
     `dataset[i]` is `(uint8 tensor (3, img_size, img_size), int label)`, or `(transform(image), label)` when a
     transform is given. Images are a pure function of (seed, split, index), at any resolution.
     """
 
-    classes = list(DOTS_CLASSES)
-
-    def __init__(self, split: str, img_size: int, size: int, seed: int = 0,
-                 transform: Optional[Callable] = None) -> None:
-        if split not in _SPLIT_IDS:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        self.split, self.img_size, self.size, self.seed, self.transform = split, img_size, size, seed, transform
-
-    def __len__(self) -> int:
-        return self.size
-
-    @property
-    def targets(self) -> list[int]:
-        return [i % len(DOTS_CLASSES) for i in range(self.size)]
-
-    def render_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fast path: (uint8 (N, 3, H, W), labels int64 (N,)) for many indices at once, untransformed."""
-        return render_dots(indices, self.img_size, self.seed, self.split)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for a 'dots' split of {self.size} images")
-        images, labels = self.render_batch([index])
-        image = images[0]
-        return (self.transform(image) if self.transform is not None else image), int(labels[0])
+    name, classes, render = "dots", list(DOTS_CLASSES), staticmethod(render_dots)

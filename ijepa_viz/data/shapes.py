@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SHAPES_CLASSES", "MOSAIC_GRID", "render_shapes", "ShapesDataset"]
+__all__ = ["SHAPES_CLASSES", "MOSAIC_GRID", "render_shapes", "RenderedDataset", "ShapesDataset"]
 
 
 SHAPES_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "heart", "arrow", "diamond")
@@ -213,18 +213,18 @@ def render_shapes(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: 
     return (img.clamp_(0, 1) * 255 + 0.5).to(torch.uint8), labels
 
 
-class ShapesDataset(torch.utils.data.Dataset):
-    """The built-in offline dataset: 10 shape classes (`SHAPES_CLASSES`), each image a mosaic of nine copies
-    of its class's shape (see `render_shapes`).
+class RenderedDataset(torch.utils.data.Dataset):
+    """A built-in dataset drawn on the fly by a batch renderer `render(indices, img_size, seed, split)`: image i
+    of a split is a pure function of (seed, split, i) and its label is i % len(classes). Subclasses set `name`,
+    `classes` and `render`.
 
     `dataset[i]` is `(uint8 tensor (3, img_size, img_size), int label)`, or `(transform(image), label)` when a
-    transform is given (the transforms of `build_transform` accept uint8 tensors). Images are procedurally
-    generated, a pure function of (seed, split, index), at any resolution; 'train' and 'test' differ.
-    Each copy's colour, rotation, size and position are random, so raw pixels say little about the class
-    (the README's demo table gives the measured raw-pixel probe beside I-JEPA's).
+    transform is given (the transforms of `build_transform` accept uint8 tensors).
     """
 
-    classes = list(SHAPES_CLASSES)
+    name: str
+    classes: list[str]
+    render: Callable  # a staticmethod: (indices, img_size, seed, split) -> (uint8 (N, 3, S, S), labels (N,))
 
     def __init__(self, split: str, img_size: int, size: int, seed: int = 0,
                  transform: Optional[Callable] = None) -> None:
@@ -237,15 +237,29 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     @property
     def targets(self) -> list[int]:
-        return [i % len(SHAPES_CLASSES) for i in range(self.size)]
+        return [i % len(self.classes) for i in range(self.size)]
 
     def render_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fast path: (uint8 (N, 3, H, W), labels int64 (N,)) for many indices at once, untransformed."""
-        return render_shapes(indices, self.img_size, self.seed, self.split)
+        return self.render(indices, self.img_size, self.seed, self.split)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for a 'shapes' split of {self.size} images")
+            raise IndexError(f"index {index} out of range for a {self.name!r} split of {self.size} images")
         images, labels = self.render_batch([index])
         image = images[0]
         return (self.transform(image) if self.transform is not None else image), int(labels[0])
+
+
+class ShapesDataset(RenderedDataset):
+    """The built-in offline dataset: 10 shape classes (`SHAPES_CLASSES`), each image a mosaic of nine copies
+    of its class's shape (see `render_shapes`).
+
+    `dataset[i]` is `(uint8 tensor (3, img_size, img_size), int label)`, or `(transform(image), label)` when a
+    transform is given (the transforms of `build_transform` accept uint8 tensors). Images are procedurally
+    generated, a pure function of (seed, split, index), at any resolution; 'train' and 'test' differ.
+    Each copy's colour, rotation, size and position are random, so raw pixels say little about the class
+    (the README's demo table gives the measured raw-pixel probe beside I-JEPA's).
+    """
+
+    name, classes, render = "shapes", list(SHAPES_CLASSES), staticmethod(render_shapes)
