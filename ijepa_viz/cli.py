@@ -121,11 +121,16 @@ def cmd_eval(args) -> int:
                       limit_test=args.limit_test, progress=not args.quiet)
     print(format_table(result))
     print(format_timings(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+    _write_json(args.json, result)
     return 0
+
+
+def _write_json(path: "str | None", result: dict) -> None:
+    """--json PATH: write the result there (creating its folder) and say so; nothing when PATH is None."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
 
 
 def cmd_demo(args) -> int:
@@ -147,10 +152,7 @@ def cmd_bench(args) -> int:
         args.steps, args.warmup, args.data_batches, args.peak_seconds = 2, 1, 2, 0.2
     result = run_bench(cfg, modes, args.steps, args.warmup, args.data_batches, args.peak_seconds, args.rounds)
     print(format_bench(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+    _write_json(args.json, result)
     return 0
 
 

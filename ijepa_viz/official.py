@@ -367,6 +367,19 @@ def _pred_mlp_ratio(model: nn.Module) -> float:
     return _mlp_ratio(int(fc1.shape[0]), int(fc1.shape[1]))
 
 
+def _read_safetensors(path: Path, fix: str) -> tuple[dict, dict]:
+    """(tensors on the CPU, metadata) of a safetensors file; CheckpointError naming `fix` when unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path), device="cpu"), meta
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); {fix}") from None
+
+
 def _save_safetensors(tensors: dict, path: Path, metadata: dict) -> Path:
     from safetensors.torch import save_file
 
@@ -439,9 +452,6 @@ def export_safetensors(model: nn.Module, cfg: Config, out_dir: str | Path, *, ti
 
 def import_safetensors(out_dir: str | Path, *, map_location="cpu") -> tuple[nn.Module, Config]:
     """Read a folder written by `export_safetensors`: returns (IJEPA in eval mode, Config), weights exact."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
     out = Path(out_dir)
     cfg_path, w_path = out / CONFIG_FILE, out / WEIGHTS_FILE
     for p in (cfg_path, w_path):
@@ -457,12 +467,7 @@ def import_safetensors(out_dir: str | Path, *, map_location="cpu") -> tuple[nn.M
     if int(info.get("format_version", 0)) > EXPORT_FORMAT_VERSION:
         raise CheckpointError(f"{str(cfg_path)!r} has export format {info['format_version']}, newer than this "
                               f"ijepa_viz reads ({EXPORT_FORMAT_VERSION}); upgrade ijepa_viz")
-    try:
-        with safe_open(str(w_path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(w_path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{str(w_path)!r} is not a readable safetensors file ({e}); re-run the export") from None
+    tensors, meta = _read_safetensors(w_path, "re-run the export")
     if meta.get("ijepa_viz.export_id") != info.get("export_id"):
         raise CheckpointError(f"{str(w_path)!r} and {str(cfg_path)!r} come from different exports (the export ids "
                               f"differ): the folder was only partly overwritten; re-run the export")

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ijepa_viz.checkpoint import CheckpointError, _atomic_text, build_for, load_weights
 from ijepa_viz.config import Config, ConfigError
-from ijepa_viz.official import _save_safetensors
+from ijepa_viz.official import _read_safetensors, _save_safetensors
 
 __all__ = ["WEIGHTS_DIR", "shipped", "is_shipped", "load_shipped", "save_shipped", "round_trip", "load_pretrained"]
 
@@ -52,20 +52,12 @@ def is_shipped(name: str | Path) -> bool:
 
 def load_shipped(name: str, map_location="cpu") -> tuple[nn.Module, Config]:
     """A shipped model by name: (IJEPA in eval mode, float32, with `.card`, its model card), and its Config."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
     names = shipped()
     if name not in names:
         raise CheckpointError(f"no shipped model is called {name!r}; shipped models: "
                               f"{', '.join(names) or '(none installed)'}")
     path = WEIGHTS_DIR / f"{name}.safetensors"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); reinstall ijepa_viz") from None
+    tensors, meta = _read_safetensors(path, "reinstall ijepa_viz")
     try:
         cfg = Config.from_dict(json.loads(meta["config"]))
     except (KeyError, json.JSONDecodeError, ConfigError) as e:
