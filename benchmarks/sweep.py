@@ -76,6 +76,22 @@ COMBOS = [
 ]
 
 
+# Issue 11's ideas from the small-scale JEPA literature, each one named option on cpu-tiny (all off in the presets
+# that follow the paper), most promising first; seed1 is the noise floor.
+SMALL_SCALE = [
+    ("base", []),
+    ("vicreg", ["model.var_weight=1.0", "model.cov_weight=0.04"]),  # C-JEPA's variance + covariance terms
+    ("sigreg", ["model.sigreg_weight=0.02"]),  # LeJEPA: pull the pooled features towards an isotropic Gaussian
+    ("hflip", ["data.hflip=true"]),
+    ("ema-warmup", ["optim.ema_warmup_epochs=0.5", "optim.ema_warmup_start=0.9"]),  # a faster EMA early on
+    ("vicreg+hflip+ema-warmup", ["model.var_weight=1.0", "model.cov_weight=0.04", "data.hflip=true",
+                                 "optim.ema_warmup_epochs=0.5", "optim.ema_warmup_start=0.9"]),
+    ("seed1", ["train.seed=1"]),
+    ("drop-path.1", ["model.drop_path_rate=0.1"]),
+    ("pred-width192", ["model.pred_embed_dim=192"]),
+    ("pred-depth6", ["model.pred_depth=6"]),
+]
+
 
 def _ablation_jobs() -> list[tuple[str, list[str]]]:
     """The rows of benchmarks/ablations.py (which runs them one after another) as named jobs, the paper's
@@ -88,7 +104,7 @@ def _ablation_jobs() -> list[tuple[str, list[str]]]:
     return list(jobs.items())
 
 
-GRIDS = {"recipe": RECIPE, "combos": COMBOS, "ablations": _ablation_jobs()}
+GRIDS = {"recipe": RECIPE, "combos": COMBOS, "small-scale": SMALL_SCALE, "ablations": _ablation_jobs()}
 
 
 class Deadline:
@@ -174,14 +190,17 @@ def run_job(job: dict, common: dict) -> dict:
     tr = _probe_set(*data["train"][:2], common["limit_train"])
     te = data["test"][:2]
 
-    def feats(encoder, images, labels):
+    def feats(encoder, images, labels, n_last=1):
         batches = InMemoryLoader(UInt8Cache(images, labels, data["train"][2]), 512, cfg.model.img_size, mean, std,
                                  train=False)
-        return extract_features(encoder, batches, device=device, progress=False)
+        return extract_features(encoder, batches, device=device, progress=False, n_last=n_last)
 
     target = model.target_network if model.target_network is not None else model.encoder
     ftr, fte = feats(target, *tr), feats(target, *te)
     ctr, cte = feats(model.encoder, *tr), feats(model.encoder, *te)
+    n4 = min(4, cfg.model.depth)  # the outputs of the last 4 blocks side by side (DINO's linear-probe variant)
+    f4tr, f4te = feats(target, *tr, n_last=n4), feats(target, *te, n_last=n4)
+    row.update(linear_last4=linear_probe(*f4tr, *f4te)["accuracy"])
     row.update(linear=linear_probe(*ftr, *fte)["accuracy"],
                knn=knn_classifier(*ftr, *fte, num_classes=len(data["train"][2])),
                rankme=rankme(fte[0]), context_linear=linear_probe(*ctr, *cte)["accuracy"],
@@ -206,6 +225,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--limit-train", type=int, default=10000, help="training images for the probes")
     p.add_argument("--workers", type=int, default=1, help="jobs at once")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per job (default: the cores shared out among the workers)")
     p.add_argument("--budget", type=float, default=float("inf"), help="seconds for the whole sweep")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/sweep")
@@ -244,7 +265,7 @@ def main(argv=None) -> list[dict]:
     torch.save(data, data_file)
     print(f"decoded {len(data['train'][0])} + {len(data['test'][0])} images in {time.time() - t:.1f} s", flush=True)
 
-    threads = max(1, cores // max(1, args.workers))
+    threads = args.threads or max(1, cores // max(1, args.workers))
     common = {"data_file": str(data_file), "data_root": args.data_root, "epochs": args.epochs, "out": str(out),
               "preset": args.preset, "limit_train": args.limit_train, "device": args.device, "threads": threads,
               "deadline": deadline, "min_start_s": 0.0}
@@ -291,7 +312,8 @@ def _line(row: dict) -> str:
         return f"{row['name']:34s} {row.get('error') or row.get('skipped')}"
     flag = "" if row["complete"] else f"  (stopped at step {row['steps']} of {row['total_steps']})"
     return (f"{row['name']:34s} linear {100 * row['linear']:5.1f}%  kNN {100 * row['knn']:5.1f}%  "
-            f"context {100 * row['context_linear']:5.1f}%  RankMe {row['rankme']:6.1f}  loss {row['final_loss']:.4f}  "
+            f"context {100 * row['context_linear']:5.1f}%  last-4 {100 * row.get('linear_last4', math.nan):5.1f}%  "
+            f"RankMe {row['rankme']:6.1f}  loss {row['final_loss']:.4f}  "
             f"{row['epochs']} ep, {row['imgs_per_s_median']:.0f} imgs/s, {row['seconds']:.0f} s{flag}")
 
 

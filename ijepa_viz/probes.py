@@ -91,9 +91,15 @@ _INT_MM: Optional[bool] = None
 
 
 def _has_int_mm() -> bool:
-    """Whether torch._int_mm (int8 x int8 -> int32, VNNI kernels on CPUs that have them) works here."""
+    """Whether torch._int_mm (int8 x int8 -> int32) works here and is fast: only CPUs with int8 dot-product
+    instructions (AVX512-VNNI, AMX) have kernels for it. Without them it falls back to a plain loop, measured 50x
+    slower than a float32 matmul on an AVX2-only CPU (a raw-pixel probe that took seconds took over 10 minutes)."""
     global _INT_MM
     if _INT_MM is None:
+        vnni, amx = (getattr(torch.cpu, name, None) for name in ("_is_vnni_supported", "_is_amx_tile_supported"))
+        if not ((vnni and vnni()) or (amx and amx())):
+            _INT_MM = False
+            return _INT_MM
         try:
             a = torch.arange(-64, 64, dtype=torch.int8).reshape(32, 4)
             _INT_MM = bool((torch._int_mm(a, a.T.contiguous()) == a.int() @ a.int().T).all())

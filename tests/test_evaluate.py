@@ -227,15 +227,28 @@ def test_int8_products_are_exact(monkeypatch):
     x = torch.randint(0, 256, (300, 40), dtype=torch.uint8, generator=g)
     m, r = torch.randn(40, 7, generator=g), torch.randn(300, 7, generator=g)
     monkeypatch.setattr(P, "_INT8_SPAN", 128)  # exercise the chunked sums of tmm
-    X = P._Design(x)
-    if not X.int8:
+    try:  # the arithmetic is checked wherever torch._int_mm runs at all, fast (VNNI) or not
+        torch._int_mm(torch.ones(32, 8, dtype=torch.int8), torch.ones(8, 8, dtype=torch.int8))
+    except (AttributeError, RuntimeError, NotImplementedError):
         pytest.skip("torch._int_mm is not available here")
+    monkeypatch.setattr(P, "_INT_MM", True)
+    X = P._Design(x)
+    assert X.int8
     xs = x.double() - 128
     for ours, exact in ((X.mm(m), xs @ m.double()), (X.tmm(r), xs.T @ r.double())):
         assert (ours.double() - exact).abs().max() <= 1e-6 * exact.abs().max()  # float32's rounding, no more
     mean, std = X.moments(torch.arange(0, 300, 2))
     assert torch.allclose(mean.double(), x[::2].double().mean(0), atol=1e-4)
     assert torch.allclose(std.double(), x[::2].double().std(0, correction=0), rtol=1e-5)
+
+
+def test_int8_products_only_where_the_cpu_has_int8_dot_products(monkeypatch):
+    # Without VNNI or AMX, torch._int_mm is a plain loop (50x slower than float32 on an AVX2 CPU): float path.
+    monkeypatch.setattr(P, "_INT_MM", None)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not P._has_int_mm()
+    assert not P._Design(torch.zeros(4, 3, dtype=torch.uint8)).int8
 
 
 def test_probes_give_the_same_answer_for_uint8_and_float_pixels(image_features, monkeypatch):
