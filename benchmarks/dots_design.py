@@ -30,6 +30,8 @@ from ijepa_viz.data import InMemoryLoader, UInt8Cache
 from ijepa_viz.evaluate import _random_init, extract_features, knn_classifier, linear_probe, raw_pixel_features
 from ijepa_viz.model import rankme
 from ijepa_viz.train import Trainer
+from ijepa_viz.viz.features import tsne_2d
+from ijepa_viz.viz.verdicts import cluster_score
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,6 +49,9 @@ def main(argv=None) -> dict:
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--out", default=str(HERE / "results" / "dots_design.jsonl"))
+    p.add_argument("--tsne-points", type=int, default=1000,
+                   help="test images in the t-SNE whose class silhouette is recorded (0: none)")
+    p.add_argument("--figure", default=None, help="also save the t-SNE panels of every encoder to this PNG")
     args = p.parse_args(argv)
 
     for item in args.dots:
@@ -86,6 +91,7 @@ def main(argv=None) -> dict:
         return extract_features(encoder, batches, progress=False)[0]
 
     fit_u8, fit_y = train_u8[:args.probe_train], train_y[:args.probe_train]
+    maps = {}
     for name, encoder in encoders.items():
         f_fit, f_test = features(encoder, fit_u8, fit_y), features(encoder, test_u8, test_y)
         probe = linear_probe(f_fit, fit_y, f_test, test_y)
@@ -93,9 +99,23 @@ def main(argv=None) -> dict:
         row[f"{name}_C"] = probe["C"]
         row[f"{name}_knn"] = round(100 * knn_classifier(f_fit, fit_y, f_test, test_y), 1)
         row[f"{name}_rankme"] = round(float(rankme(f_test)), 1)
+        if args.tsne_points:  # do the classes form clusters in the picture a learner sees?
+            maps[name] = tsne_2d(f_test[:args.tsne_points])
+            row[f"{name}_tsne_silhouette"] = round(cluster_score(maps[name], test_y[:args.tsne_points]), 3)
     row["pixels_linear"] = round(100 * linear_probe(raw_pixel_features(fit_u8), fit_y, raw_pixel_features(test_u8),
                                                     test_y)["accuracy"], 1)
     row["total_s"] = round(time.perf_counter() - start, 1)
+    if args.figure and maps:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from ijepa_viz.viz.feature_plots import plot_embedding_2d
+        fig, axes = plt.subplots(1, len(maps), figsize=(5.5 * len(maps), 5), squeeze=False)
+        for ax, (name, xy) in zip(axes[0], maps.items()):
+            plot_embedding_2d(ax, xy, test_y[:args.tsne_points], list(dots.DOTS_CLASSES), legend=ax is axes[0, -1],
+                              title=f"{name}: t-SNE, silhouette {row[f'{name}_tsne_silhouette']:.2f}")
+        fig.tight_layout()
+        fig.savefig(args.figure, dpi=80)
     print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:

@@ -154,7 +154,7 @@ def _write_report(out: Path, cfg: Config, result, ev: dict, figures: dict, times
     bars = ax.barh(names, accs, color=["tab:blue", "tab:gray", "tab:orange"][: len(names)])
     ax.bar_label(bars, fmt="%.1f%%")
     ax.axvline(100 / len(class_names_of(cfg)), color="k", ls=":", lw=1, label="chance")
-    ax.set(xlabel="linear-probe accuracy on shapes test (%)", xlim=(0, 105))
+    ax.set(xlabel=f"linear-probe accuracy on the {cfg.data.name} test images (%)", xlim=(0, 105))
     ax.legend(loc="lower right", fontsize=8)
     figures["probe"] = _save(fig, out / "probe.png")
     rows = "".join(
@@ -164,7 +164,7 @@ def _write_report(out: Path, cfg: Config, result, ev: dict, figures: dict, times
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ijepa_viz demo</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}img{{max-width:100%}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}</style></head><body>
-<h1>ijepa_viz demo: I-JEPA on the built-in shapes dataset</h1>
+<h1>ijepa_viz demo: I-JEPA on the built-in {html.escape(cfg.data.name)} dataset</h1>
 <p>ViT with width {m.embed_dim}, depth {m.depth}, patch {m.patch_size} on {m.img_size}&nbsp;px images;
 predictor width {m.pred_embed_dim}, depth {m.pred_depth}. Trained {result.step} steps of batch
 {cfg.data.batch_size} without labels. Time: training {times['train']:.0f}&nbsp;s, evaluation

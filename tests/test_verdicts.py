@@ -72,3 +72,20 @@ def test_paired_verdict_better_within_noise_and_worse():
     assert "NOT better than B: it is worse" in worse
     with pytest.raises(ValueError, match="equally long"):
         V.paired_verdict("x", [1.0, 2.0], [1.0], "A", "B")
+
+
+def test_cluster_score_high_for_separate_classes_near_zero_for_mixed_or_clumped():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    centres = np.array([[0, 0], [10, 0], [0, 10], [10, 10]])
+    separate = centres[labels] + rng.normal(size=(200, 2))
+    mixed = rng.normal(size=(200, 2)) * 5
+    # each class in 5 small clumps scattered over the map: locally pure, but no class gathers in one place
+    clumps = rng.uniform(-20, 20, size=(20, 2))[np.arange(200) // 10] + 0.3 * rng.normal(size=(200, 2))
+    assert V.cluster_score(separate, labels) > 0.6
+    assert abs(V.cluster_score(mixed, labels)) < 0.1
+    assert V.cluster_score(clumps, labels) < 0.2
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        V.cluster_score(separate, np.zeros(200))

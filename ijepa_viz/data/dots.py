@@ -35,6 +35,8 @@ DOT_RADIUS = (0.035, 0.05)  # dot radius, a fraction of the image side (1.1-1.6 
 FIGURE_HALF_SIZE = (0.30, 0.44)  # half the figure's extent, a fraction of the image side
 JITTER = 0.08  # each dot moves by up to +-JITTER/2 of the image side in x and y
 NOISE = 0.08  # per-pixel noise, +-NOISE around the background or dot colour
+BACKGROUND = (0.2, 0.8)  # each channel of the flat background colour is drawn from this range
+DOT_COLOUR = None  # None: a random colour per dot; an (r, g, b) in [0, 1]: every dot in that colour
 
 
 def _figure(points: Sequence[tuple[float, float]], closed: bool = False) -> list[tuple[tuple, tuple]]:
@@ -94,7 +96,7 @@ def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: in
     labels = torch.from_numpy(indices % len(DOTS_CLASSES))
 
     # -- the figure: K dots evenly spaced along it from a random start, then scaled, placed and jittered ------
-    bg = 0.2 + 0.6 * p[:, 0:3]  # (N, 3)
+    bg = BACKGROUND[0] + (BACKGROUND[1] - BACKGROUND[0]) * p[:, 0:3]  # (N, 3)
     half = FIGURE_HALF_SIZE[0] + (FIGURE_HALF_SIZE[1] - FIGURE_HALF_SIZE[0]) * p[:, 3]  # (N,)
     room = (1 - 2 * half - JITTER).clamp(min=0)  # how far the figure's centre can move and stay inside
     cx, cy = 0.5 + (p[:, 4] - 0.5) * room, 0.5 + (p[:, 5] - 0.5) * room
@@ -107,7 +109,8 @@ def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: in
     x = cx[:, None] + half[:, None] * fx + (q[..., 0] - 0.5) * JITTER  # (N, K) dot centres in [0, 1]
     y = cy[:, None] + half[:, None] * fy + (q[..., 1] - 0.5) * JITTER
     radius = DOT_RADIUS[0] + (DOT_RADIUS[1] - DOT_RADIUS[0]) * q[..., 2]  # (N, K)
-    colour = q[..., 3:6]  # (N, K, 3), kept at least 0.4 away from the background:
+    colour = q[..., 3:6] if DOT_COLOUR is None else torch.tensor(DOT_COLOUR).expand(n, k, 3)  # (N, K, 3), kept
+    # at least 0.4 away from the background:
     near = (colour - bg[:, None]).norm(dim=-1, keepdim=True) < 0.4
     colour = torch.where(near, torch.remainder(bg[:, None] + 0.5, 1.0), colour)
 

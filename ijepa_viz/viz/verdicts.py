@@ -22,7 +22,7 @@ import math
 from typing import Mapping, Optional, Sequence
 
 __all__ = ["probe_noise", "probe_margins", "probe_verdict", "prediction_verdict", "collapse_verdict",
-           "paired_verdict", "COLLAPSED_RANKME"]
+           "paired_verdict", "cluster_score", "COLLAPSED_RANKME"]
 
 COLLAPSED_RANKME = 2.0  # below this effective rank the features span about one direction: collapsed
 
@@ -158,6 +158,22 @@ def paired_verdict(what: str, a: Sequence[float], b: Sequence[float], name_a: st
                 f"(noise {noise_txt}).")
     return (f"On {what}, {name_a} is NOT better than {name_b} beyond the noise: {fa} against {fb}, a difference "
             f"of {mean:+.{digits}f}{d_unit} within the noise ({noise_txt}).")
+
+
+def cluster_score(xy, labels) -> float:
+    """How well the classes form separate clusters in a 2-D map (a t-SNE or PCA of features): the mean
+    silhouette of the points, grouped by class (scikit-learn's `silhouette_score`). For each point,
+    (b - a) / max(a, b), where a is its mean distance to its own class and b to the nearest other class: 1 for
+    tight, far-apart clusters, about 0 when the classes overlap, negative when points sit nearer another class.
+    Small same-class clumps scattered over the map score near 0: a whole class must gather to score high."""
+    from sklearn.metrics import silhouette_score
+    import numpy as np
+
+    xy, labels = np.asarray(xy, dtype=np.float64), np.asarray(labels)
+    if xy.ndim != 2 or len(xy) != len(labels) or len(np.unique(labels)) < 2:
+        raise ValueError(f"cluster_score needs (N, 2) points and N labels of at least 2 classes, got points "
+                         f"{xy.shape} and {len(labels)} labels")
+    return float(silhouette_score(xy, labels))
 
 
 def spread(values: Sequence[float]) -> float:
