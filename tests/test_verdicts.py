@@ -49,6 +49,9 @@ def test_collapse_verdict_three_ways():
     assert V.collapse_verdict(1.2, 192).startswith("Collapsed")
     assert V.collapse_verdict(4.0, 192).startswith("Low rank")
     assert V.collapse_verdict(40.0, 192).startswith("Healthy")
+    # an untrained ViT reads 3-4 at any width: never healthy, not even for narrow features
+    assert V.collapse_verdict(3.6, 64).startswith("Low rank")
+    assert V.collapse_verdict(3.9, 128).startswith("Low rank")
 
 
 def test_spread():

@@ -37,6 +37,7 @@ JITTER = 0.08  # each dot moves by up to +-JITTER/2 of the image side in x and y
 NOISE = 0.08  # per-pixel noise, +-NOISE around the background or dot colour
 BACKGROUND = (0.2, 0.8)  # each channel of the flat background colour is drawn from this range
 DOT_COLOUR = None  # None: a random colour per dot; an (r, g, b) in [0, 1]: every dot in that colour
+BACKGROUND_CELLS = 0  # 0: a flat background; n: an n x n grid of cells, each with its own random colour
 
 
 def _figure(points: Sequence[tuple[float, float]], closed: bool = False) -> list[tuple[tuple, tuple]]:
@@ -77,6 +78,7 @@ def _along(segments: list[tuple[tuple, tuple]], t: torch.Tensor) -> tuple[torch.
 # Layout of the per-image random numbers (columns of _uniform).
 _PER_IMAGE = 8  # background colour (3), figure half-size, centre (2), starting point, noise
 _PER_DOT = 6  # jitter (2), radius, colour (3)
+_CELL_COUNTER = 1 << 19  # background cell colours use counters from here on
 _NOISE_COUNTER = 1 << 20  # per-pixel noise uses counters from here on
 
 
@@ -111,12 +113,23 @@ def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: in
     radius = DOT_RADIUS[0] + (DOT_RADIUS[1] - DOT_RADIUS[0]) * q[..., 2]  # (N, K)
     colour = q[..., 3:6] if DOT_COLOUR is None else torch.tensor(DOT_COLOUR).expand(n, k, 3)  # (N, K, 3), kept
     # at least 0.4 away from the background:
-    near = (colour - bg[:, None]).norm(dim=-1, keepdim=True) < 0.4
-    colour = torch.where(near, torch.remainder(bg[:, None] + 0.5, 1.0), colour)
+    coords = (torch.arange(img_size, dtype=torch.float32) + 0.5) / img_size  # pixel centres in [0, 1]
+    if BACKGROUND_CELLS:  # an n x n grid of random colours instead of one flat colour
+        c = BACKGROUND_CELLS
+        cells = BACKGROUND[0] + (BACKGROUND[1] - BACKGROUND[0]) * _uniform(keys, _CELL_COUNTER, 3 * c * c)
+        cells = cells.reshape(n, 3, c, c)  # (N, 3, c, c)
+        idx = (coords * c).long().clamp_(max=c - 1)  # (H,) the cell of each pixel row / column
+        img = cells[:, :, idx][:, :, :, idx]  # (N, 3, H, W)
+        cx_i = (x * c).long().clamp(0, c - 1)  # (N, K) the cell under each dot
+        cy_i = (y * c).long().clamp(0, c - 1)
+        under = cells.permute(0, 2, 3, 1)[torch.arange(n)[:, None], cy_i, cx_i]  # (N, K, 3)
+    else:
+        img = bg[:, :, None, None].expand(n, 3, img_size, img_size).clone()  # (N, 3, H, W)
+        under = bg[:, None].expand(n, k, 3)
+    near = (colour - under).norm(dim=-1, keepdim=True) < 0.4
+    colour = torch.where(near, torch.remainder(under + 0.5, 1.0), colour)
 
     # -- paint: a one-pixel anti-aliased disc per dot, later dots over earlier ones ------------------------
-    coords = (torch.arange(img_size, dtype=torch.float32) + 0.5) / img_size  # pixel centres in [0, 1]
-    img = bg[:, :, None, None].expand(n, 3, img_size, img_size).clone()  # (N, 3, H, W)
     for j in range(k):
         d = torch.sqrt((coords[None, None, :] - x[:, j, None, None]) ** 2
                        + (coords[None, :, None] - y[:, j, None, None]) ** 2)  # (N, H, W)

@@ -111,8 +111,13 @@ def prediction_verdict(metrics: Mapping) -> str:
             f"the average target feature would do as well.")
 
 
-def collapse_verdict(rankme: float, dim: int, healthy_fraction: float = 0.05) -> str:
-    """One sentence on a RankMe reading of D-dimensional features: collapsed, low, or healthy."""
+def collapse_verdict(rankme: float, dim: int, healthy_fraction: float = 0.1) -> str:
+    """One sentence on a RankMe reading of D-dimensional features: collapsed, low, or healthy.
+
+    Healthy needs at least `healthy_fraction` of the D directions. An untrained ViT's pooled features read about
+    3-4 whatever D (one shared direction dominates them), so a threshold that a reading of 3.6 could pass for
+    64-dimensional features (as 5% did) would call an untrained network healthy.
+    """
     if rankme < COLLAPSED_RANKME:
         return (f"Collapsed: RankMe {rankme:.1f} of at most {dim}. The features vary along about one direction, "
                 f"so every image gets nearly the same vector.")
