@@ -39,6 +39,7 @@ lab: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/ijepa-viz bench --json benchmarks/results/bench_cpu-tiny.json
 
+# Both train on real CIFAR-10: IJEPA_VIZ_CIFAR10=path/to/cifar10 (an ImageFolder tree) make quality
 quality: $(STAMP)
 	$(PY) benchmarks/quality.py
 

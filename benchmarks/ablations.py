@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -55,11 +56,15 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", default="cpu-tiny")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data" / "cifar10"))
+    p.add_argument("--data-root", default=os.environ.get("IJEPA_VIZ_CIFAR10"),
+                   help="CIFAR-10 as an ImageFolder tree (train/ and test/); default: $IJEPA_VIZ_CIFAR10")
     p.add_argument("--limit-train", type=int, default=10000, help="training images for the probes")
     p.add_argument("--out", default="runs/ablations")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
+    if not args.data_root or not (Path(args.data_root) / "train").is_dir():
+        p.error(f"--data-root {args.data_root!r}: give CIFAR-10 as an ImageFolder tree (a folder with train/ and "
+                "test/), or set IJEPA_VIZ_CIFAR10 to one")
 
     base = override(get_preset(args.preset),
                     ["data.name=imagefolder", f"data.root={args.data_root}", f"train.epochs={args.epochs}",

@@ -1,6 +1,6 @@
 """Learning-quality benchmark: train a preset on real CIFAR-10 and probe it after every epoch.
 
-    python benchmarks/quality.py                       # cpu-tiny, 10 epochs, ../shared/data/cifar10
+    IJEPA_VIZ_CIFAR10=path/to/cifar10 python benchmarks/quality.py   # cpu-tiny, 10 epochs
     python benchmarks/quality.py --epochs 2 --tag try --set optim.lr=2e-3
 
 It trains with a checkpoint at the end of each epoch, then, for every epoch checkpoint, extracts the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -28,13 +29,17 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu-tiny")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data" / "cifar10"))
+    p.add_argument("--data-root", default=os.environ.get("IJEPA_VIZ_CIFAR10"),
+                   help="CIFAR-10 as an ImageFolder tree (train/ and test/); default: $IJEPA_VIZ_CIFAR10")
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--tag", default=None, help="results file suffix (default: the preset name)")
     p.add_argument("--limit-train", type=int, default=10000, help="training images for the per-epoch probes")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--skip-train", action="store_true", help="only evaluate the checkpoints already in --out")
     args = p.parse_args(argv)
+    if not args.data_root or not (Path(args.data_root) / "train").is_dir():
+        p.error(f"--data-root {args.data_root!r}: give CIFAR-10 as an ImageFolder tree (a folder with train/ and "
+                "test/), or set IJEPA_VIZ_CIFAR10 to one")
     tag = args.tag or args.preset
     out = Path(args.out) / tag
     cfg = override(get_preset(args.preset),

@@ -5,7 +5,7 @@
     python benchmarks/sweep.py --job lr2e-3 optim.lr=2e-3 --job mse model.loss=mse
 
 Each job is the preset plus its overrides, trained for --epochs epochs on the training split of --data-root
-(an ImageFolder tree; default ../shared/data/cifar10) and then scored on the average-pooled target encoder
+(an ImageFolder tree; default $IJEPA_VIZ_CIFAR10) and then scored on the average-pooled target encoder
 (the paper's protocol): a linear probe fitted on --limit-train training images spread evenly over the classes
 and scored on the whole test set, kNN (k=20), RankMe, and the linear probe of the context encoder too.
 
@@ -222,7 +222,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--cifar-gpu", action="store_true", help="also train the cifar-gpu preset (fit to the budget)")
     p.add_argument("--preset", default="cpu-tiny")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data" / "cifar10"))
+    p.add_argument("--data-root", default=os.environ.get("IJEPA_VIZ_CIFAR10"),
+                   help="CIFAR-10 as an ImageFolder tree (train/ and test/); default: $IJEPA_VIZ_CIFAR10")
     p.add_argument("--limit-train", type=int, default=10000, help="training images for the probes")
     p.add_argument("--workers", type=int, default=1, help="jobs at once")
     p.add_argument("--threads", type=int, default=None,
@@ -233,6 +234,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--results", default=str(HERE / "results" / "sweep.jsonl"))
     p.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every job")
     args = p.parse_args(argv)
+    if not args.data_root or not (Path(args.data_root) / "train").is_dir():
+        p.error(f"--data-root {args.data_root!r}: give CIFAR-10 as an ImageFolder tree (a folder with train/ and "
+                "test/), or set IJEPA_VIZ_CIFAR10 to one")
 
     import torch
 
