@@ -8,6 +8,10 @@ tried without editing the renderer; config keys with `--set`, as in the CLI.
 
     python benchmarks/dots_design.py --steps 500 --dots "DOT_RADIUS=(0.05,0.07)" --set model.pred_depth=1
 
+Besides the probes, each encoder's row says what its features hold: `class_share`, the share of their variance
+that lies between the class means, and `background_r2`, how well a linear map reads each image's background
+colour from them. A t-SNE shows class clusters only where the class, not the background, sets the features.
+
 Appends one JSON line per run to benchmarks/results/dots_design.jsonl (the command is in it).
 """
 from __future__ import annotations
@@ -34,6 +38,32 @@ from ijepa_viz.viz.features import tsne_2d
 from ijepa_viz.viz.verdicts import cluster_score
 
 HERE = Path(__file__).resolve().parent
+
+
+def _standardise(fit: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    mean, std = fit.mean(0), fit.std(0).clamp_min(1e-6)
+    return [(x - mean) / std for x in (fit, *others)]
+
+
+def class_variance_share(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Between-class variance / total variance of standardised features (N, D), averaged over the D dims:
+    1 when the class alone sets every feature, 0 when the class means coincide."""
+    (z,) = _standardise(x.double())
+    means = torch.stack([z[y == c].mean(0) for c in y.unique()])  # (C, D)
+    counts = torch.stack([(y == c).sum() for c in y.unique()]).double()  # (C,)
+    return float((counts[:, None] * means ** 2).sum(0).mean() / len(z))
+
+
+def linear_r2(fit_x, fit_t, test_x, test_t, ridge: float = 1.0) -> float:
+    """R^2 on the test set of a ridge regression from features (N, D) to targets (N, T), averaged over T."""
+    a, b = _standardise(fit_x.double(), test_x.double())
+    t_mean = fit_t.double().mean(0)
+    a1 = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+    w = torch.linalg.solve(a1.T @ a1 + ridge * torch.eye(a1.shape[1], dtype=a.dtype), a1.T @ (fit_t.double() - t_mean))
+    pred = torch.cat([b, torch.ones(len(b), 1, dtype=b.dtype)], 1) @ w + t_mean
+    resid = ((test_t.double() - pred) ** 2).sum(0)
+    total = ((test_t.double() - test_t.double().mean(0)) ** 2).sum(0)
+    return float((1 - resid / total).mean())
 
 
 def main(argv=None) -> dict:
@@ -91,6 +121,8 @@ def main(argv=None) -> dict:
         return extract_features(encoder, batches, progress=False)[0]
 
     fit_u8, fit_y = train_u8[:args.probe_train], train_y[:args.probe_train]
+    # The background colour of each image: most pixels are background, and the noise is symmetric.
+    fit_bg, test_bg = (u8.float().flatten(2).median(2).values / 255 for u8 in (fit_u8, test_u8))  # (N, 3)
     maps = {}
     for name, encoder in encoders.items():
         f_fit, f_test = features(encoder, fit_u8, fit_y), features(encoder, test_u8, test_y)
@@ -99,6 +131,10 @@ def main(argv=None) -> dict:
         row[f"{name}_C"] = probe["C"]
         row[f"{name}_knn"] = round(100 * knn_classifier(f_fit, fit_y, f_test, test_y), 1)
         row[f"{name}_rankme"] = round(float(rankme(f_test)), 1)
+        # What the features hold: the share of their (standardised) variance that lies between the class means,
+        # and how well a linear map reads the background colour from them (R^2 on the test images).
+        row[f"{name}_class_share"] = round(class_variance_share(f_test, test_y), 3)
+        row[f"{name}_background_r2"] = round(linear_r2(f_fit, fit_bg, f_test, test_bg), 3)
         if args.tsne_points:  # do the classes form clusters in the picture a learner sees?
             maps[name] = tsne_2d(f_test[:args.tsne_points])
             row[f"{name}_tsne_silhouette"] = round(cluster_score(maps[name], test_y[:args.tsne_points]), 3)
