@@ -115,10 +115,14 @@ def cmd_eval(args) -> int:
     if args.data_root:
         sets.append(f"data.root={args.data_root}")
     cfg = override(cfg, sets + list(args.overrides))
-    from ijepa_viz.evaluate import evaluate, format_table, format_timings
+    from ijepa_viz.evaluate import default_feature_cache, evaluate, format_table, format_timings
 
+    cache = None if args.no_feature_cache else Path(args.feature_cache or default_feature_cache()).expanduser()
+    if cache is not None and cache.exists() and not cache.is_dir():
+        raise UserError(f"--feature-cache {str(cache)!r} is a file, not a folder; give a folder (it is created if "
+                        f"missing), or pass --no-feature-cache")
     result = evaluate(args.checkpoint, cfg=cfg, model=model, probes=probes, limit_train=args.limit_train,
-                      limit_test=args.limit_test, progress=not args.quiet)
+                      limit_test=args.limit_test, progress=not args.quiet, feature_cache=cache)
     print(format_table(result))
     print(format_timings(result))
     _write_json(args.json, result)
@@ -212,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a data field, e.g. --set data.batch_size=256")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--feature-cache", metavar="DIR",
+                   help="keep each encoder's features here, keyed by its weights and the images, so that the "
+                        "next eval of the same encoder only fits the probes (default: $IJEPA_VIZ_FEATURE_CACHE "
+                        "or ~/.cache/ijepa_viz/features; the 16 most recently used files are kept)")
+    p.add_argument("--no-feature-cache", action="store_true", help="extract every feature afresh, keep nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 

@@ -22,8 +22,11 @@ The probes themselves live in `ijepa_viz.probes`: `linear_probe` (logistic regre
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -34,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ijepa_viz.checkpoint import load_model
+from ijepa_viz.checkpoint import atomic_save, load_model
 from ijepa_viz.config import Config
 from ijepa_viz.data import UInt8Cache, augment_batch, build_loader, dataset_stats, load_uint8
 from ijepa_viz.masks import MaskCollator, Masks
@@ -312,6 +315,71 @@ def _run_probes(probes: Sequence[str], train: tuple, test: tuple, seed: int, num
     return row
 
 
+# -- the feature cache: an encoder's features of a split, kept on disk for the next `evaluate` -----------------
+
+FEATURE_CACHE_ENV = "IJEPA_VIZ_FEATURE_CACHE"  # the CLI's default cache folder, when set
+FEATURE_CACHE_FILES = 16  # a cache folder keeps the most recently used files, at most this many
+
+
+def default_feature_cache() -> Path:
+    """`$IJEPA_VIZ_FEATURE_CACHE`, else `$XDG_CACHE_HOME/ijepa_viz/features` (`~/.cache/...`)."""
+    if os.environ.get(FEATURE_CACHE_ENV):
+        return Path(os.environ[FEATURE_CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ijepa_viz" / "features"
+
+
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _images_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """A digest of the exact uint8 images and their labels."""
+    h = hashlib.sha256()
+    _hash_tensor(h, images)
+    _hash_tensor(h, labels)
+    return h.hexdigest()
+
+
+def _feature_key(encoder: nn.Module, images_digest: str, extra: tuple) -> str:
+    """A digest of everything the features depend on: the encoder's class and weights, the images
+    (`_images_digest`), and `extra` (resolution, normalisation, batch size, precision, the kept patches), with
+    torch's version. A checkpoint trained further, or other images, get another key; the same untrained encoder
+    of the same seed and architecture gets the same key for every checkpoint."""
+    h = hashlib.sha256(f"{type(encoder).__name__}|{images_digest}|{extra}|{torch.__version__}".encode())
+    for name, t in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        _hash_tensor(h, t)
+    return h.hexdigest()[:32]
+
+
+def _cached_extract(cache_dir: Optional[Path], key: Optional[str], extract) -> tuple[tuple, bool]:
+    """`extract()`'s (features, labels, patches), read from `cache_dir/<key>.pt` when there, else computed and
+    written there atomically (a killed run leaves no half-written file). Returns (result, was_cached)."""
+    if cache_dir is None or key is None:
+        return extract(), False
+    path = cache_dir / f"{key}.pt"
+    if path.exists():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            os.utime(path)  # recently used: kept longest
+            return (saved["features"], saved["labels"], saved.get("patches")), True
+        except Exception:  # unreadable (another version, a damaged disk): compute it again
+            path.unlink(missing_ok=True)
+    out = extract()
+    try:
+        atomic_save({"features": out[0], "labels": out[1], "patches": out[2]}, path)
+        files = sorted(cache_dir.glob("*.pt"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for old in files[FEATURE_CACHE_FILES:]:
+            old.unlink(missing_ok=True)
+    except OSError as e:  # a full or read-only disk costs the next run its head start, not this run its result
+        warnings.warn(f"could not keep features in the cache folder {str(cache_dir)!r} ({e}); this evaluation "
+                      f"goes on without it. Free space there, or pass --feature-cache DIR / --no-feature-cache",
+                      stacklevel=2)
+    return out, False
+
+
 def _random_init(cfg: Config, seed: int) -> IJEPA:
     """A freshly initialised IJEPA of cfg.model, seeded, without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
@@ -373,7 +441,8 @@ def _pixels_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 def evaluate(checkpoint: Optional[str | Path] = None, *, cfg: Optional[Config] = None,
              model: Optional[IJEPA] = None, probes: Sequence[str] = PROBES, limit_train: Optional[int] = None,
              limit_test: Optional[int] = None, device: str | torch.device = "cpu", seed: int = 0,
-             progress: bool = True, linear_backend: str = "torch") -> dict:
+             progress: bool = True, linear_backend: str = "torch",
+             feature_cache: Optional[str | Path] = None) -> dict:
     """Probe a model's average-pooled target encoder beside two baselines run the same way.
 
     Args:
@@ -383,6 +452,12 @@ def evaluate(checkpoint: Optional[str | Path] = None, *, cfg: Optional[Config] =
         limit_train, limit_test: at most this many images of each split, spread evenly over it.
         device: where the encoders run; seed: seeds the random-init encoder and the probe's held-out split.
         linear_backend: `linear_probe`'s backend, 'torch' (default) or 'sklearn' (the slower reference).
+        feature_cache: a folder where each encoder's features of each split are kept (None: no cache; the CLI
+            uses `default_feature_cache()`). The key is a digest of the encoder's weights and the exact images
+            (`_feature_key`), so a result never comes from other weights or images. The untrained encoder is
+            the same for every checkpoint of one architecture and seed, so after a first evaluation only the
+            trained encoder runs again. Extracting features is most of an evaluation's time (on 2 CPU cores,
+            CIFAR-10's 60,000 images through two encoders); a repeated evaluation runs only the probes.
 
     Rows, in order:
         * 'ijepa (target encoder)': `model.target_network`;
@@ -435,17 +510,35 @@ def evaluate(checkpoint: Optional[str | Path] = None, *, cfg: Optional[Config] =
     n_patch = min(PATCH_METRIC_IMAGES, n_test or limit_test or PATCH_METRIC_IMAGES)
     keep = None if n_test is None else np.unique(np.linspace(0, n_test - 1, n_patch).round().astype(np.int64))
 
-    rows, n_train = [], None
+    cache_dir = None if feature_cache is None else Path(feature_cache).expanduser()
+    amp = resolve_precision("auto", device)
+    digests: dict[str, str] = {}
+
+    def key(encoder: nn.Module, split: str, kept) -> Optional[str]:
+        if cache_dir is None or images[split] is None:  # a streamed split is not cached
+            return None
+        if split not in digests:
+            digests[split] = _images_digest(*images[split])
+        extra = (split, cfg.model.img_size, tuple(map(tuple, stats)), batch, str(amp), device.type,
+                 None if kept is None else kept.tolist())
+        return _feature_key(encoder, digests[split], extra)
+
+    rows, n_train, cached = [], None, []
     encoders = [("ijepa (target encoder)", model.target_network),
                 ("random init", _random_init(cfg, seed).target_network)]
     for name, encoder in encoders:
         tic = time.perf_counter()
         kw = dict(device=device, progress=progress)
-        train_x, train_y, _ = _extract(encoder, loader("train", limit_train), **kw)
-        test_x, test_y, patches = _extract(encoder, loader("test", limit_test), keep_patches=keep, **kw)
+        (train_x, train_y, _), hit_train = _cached_extract(
+            cache_dir, key(encoder, "train", None), lambda: _extract(encoder, loader("train", limit_train), **kw))
+        (test_x, test_y, patches), hit_test = _cached_extract(
+            cache_dir, key(encoder, "test", keep),
+            lambda: _extract(encoder, loader("test", limit_test), keep_patches=keep, **kw))
         if patches is None:  # a streamed test set: the patches of n_patch images spread over it, separately
             patches, _ = extract_features(encoder, _eval_loader(cfg, "test", n_patch), pool="none", **kw)
-        timings[f"features: {name}"] = time.perf_counter() - tic
+        if hit_train and hit_test:
+            cached.append(name)
+        timings[f"features: {name}" + (" (cached)" if hit_train and hit_test else "")] = time.perf_counter() - tic
         n_train, n_test = len(train_y), len(test_y)
         num_classes = int(max(train_y.max(), test_y.max())) + 1
 
@@ -473,7 +566,8 @@ def evaluate(checkpoint: Optional[str | Path] = None, *, cfg: Optional[Config] =
     timings["total"] = seconds
     return {"rows": rows, "checkpoint": None if checkpoint is None else str(checkpoint), "data": cfg.data.name,
             "n_train": n_train, "n_test": n_test, "probes": list(probes), "seed": seed, "raw_pixel_size": size,
-            "seconds": seconds, "timings": timings}
+            "seconds": seconds, "timings": timings,
+            "feature_cache": None if cache_dir is None else {"dir": str(cache_dir), "cached": cached}}
 
 
 def format_timings(result: dict) -> str:

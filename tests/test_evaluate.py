@@ -437,6 +437,69 @@ def test_evaluate_reuses_the_split_the_training_loader_decoded(tiny_checkpoint, 
     assert rendered == ["test"]  # the training split came from memory, and each split is made once
 
 
+def test_feature_cache_gives_the_same_result_and_is_keyed_by_weights_and_images(tiny_checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    from ijepa_viz.train import load_model
+
+    model, cfg = load_model(tiny_checkpoint[0])
+    cache = tmp_path / "features"
+    calls = []
+    real = E._extract
+    monkeypatch.setattr(E, "_extract", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(m, c=cfg, **kw):
+        calls.clear()
+        out = E.evaluate(model=m, cfg=c, progress=False, feature_cache=cache, **kw)
+        return out, len(calls)
+
+    plain = E.evaluate(model=model, cfg=cfg, progress=False)
+    first, n_first = run(model)
+    again, n_again = run(model)
+    assert n_first == 4 and n_again == 0  # 2 encoders x 2 splits, then nothing
+    assert first["feature_cache"]["cached"] == [] and len(again["feature_cache"]["cached"]) == 2
+    assert "features: random init (cached)" in again["timings"]
+    for a, b, c in zip(plain["rows"], first["rows"], again["rows"]):
+        assert a == b == c  # the cache changes the time, never the numbers
+    # other weights: only the trained encoder runs again (the untrained one is the same for every checkpoint)
+    other = load_model(tiny_checkpoint[0])[0]
+    with torch.no_grad():
+        next(other.target_network.parameters()).add_(0.5)
+    changed, n_changed = run(other)
+    assert n_changed == 2 and changed["feature_cache"]["cached"] == ["random init"]
+    # other images (fewer of them): nothing is reused
+    _, n_fewer = run(model, limit_train=20)
+    assert n_fewer == 2  # the train split of both encoders; the test split is unchanged
+    # a damaged file is computed again, not trusted
+    for f in cache.glob("*.pt"):
+        f.write_bytes(b"not a tensor file")
+    _, n_damaged = run(model)
+    assert n_damaged == 4
+    # the folder keeps at most FEATURE_CACHE_FILES files
+    monkeypatch.setattr(E, "FEATURE_CACHE_FILES", 3)
+    run(other)
+    assert len(list(cache.glob("*.pt"))) == 3
+
+
+def test_eval_cli_uses_the_feature_cache_folder(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from ijepa_viz.cli import main
+
+    monkeypatch.setenv("IJEPA_VIZ_FEATURE_CACHE", str(tmp_path / "env"))
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint[0]), "--quiet"]) == 0
+    assert len(list((tmp_path / "env").glob("*.pt"))) == 4
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint[0]), "--quiet"]) == 0
+    assert "(cached)" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint[0]), "--quiet", "--feature-cache",
+                 str(tmp_path / "flag")]) == 0
+    assert len(list((tmp_path / "flag").glob("*.pt"))) == 4
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint[0]), "--quiet", "--no-feature-cache",
+                 "--feature-cache", str(tmp_path / "off")]) == 0
+    assert not (tmp_path / "off").exists()
+    (tmp_path / "a_file").write_text("x")
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint[0]), "--quiet", "--feature-cache",
+                 str(tmp_path / "a_file")]) != 0
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
 def test_prediction_metrics_on_held_out_images(tiny_checkpoint):
     from ijepa_viz.train import load_model
 
