@@ -89,31 +89,36 @@ def run_demo(out_dir: str | Path = "runs/demo", seconds: float = 180.0, quick: b
                   **limits)
     eval_s = time.perf_counter() - tick
     tick = time.perf_counter()
-    figures = _figures(cfg, result, out, n_points=128 if quick else 1000)
+    figures, clusters = _figures(cfg, result, out, n_points=128 if quick else 1000)
     figures_s = time.perf_counter() - tick
     from ijepa_viz.viz.verdicts import probe_verdict
 
     verdict = probe_verdict(ev)
     times = {"train": train_s, "eval": eval_s, "figures": figures_s, "total": time.perf_counter() - start}
-    report = _write_report(out, cfg, result, ev, figures, times, verdict)
+    report = _write_report(out, cfg, result, ev, figures, times, verdict, clusters)
     (out / "demo.json").write_text(json.dumps({"steps": result.step, "seconds": times, "verdict": verdict,
-                                               "eval": ev}, indent=2, default=str))
+                                               "clusters": clusters, "eval": ev}, indent=2, default=str))
     for row in ev["rows"]:
         print(f"  {row['name']:28s} linear {row.get('linear', float('nan')) * 100:5.1f}%   "
               f"kNN {row.get('knn', float('nan')) * 100:5.1f}%")
     print(verdict)
+    for sentence in clusters:
+        print(sentence)
     print(f"time: training {train_s:.0f} s, evaluation {eval_s:.0f} s, figures {figures_s:.0f} s, "
           f"total {times['total']:.0f} s")
     return report
 
 
-def _figures(cfg: Config, result, out: Path, n_points: int = 1000) -> dict[str, str]:
+def _figures(cfg: Config, result, out: Path, n_points: int = 1000) -> tuple[dict[str, str], list[str]]:
+    """The report's figures (name -> file name) and, for each PCA and t-SNE panel, the sentence that says
+    whether its classes form clusters (`verdicts.cluster_verdict`)."""
     from ijepa_viz.data import class_names, load_uint8
     from ijepa_viz.evaluate import _random_init
     from ijepa_viz.masks import MaskCollator
     from ijepa_viz.viz.feature_plots import plot_embedding_2d
     from ijepa_viz.viz.features import embed, pca_2d, tsne_2d
     from ijepa_viz.viz.plots import plot_loss, plot_masks
+    from ijepa_viz.viz.verdicts import cluster_verdict
 
     files = {}
     images, labels = load_uint8(cfg.data, "test", cfg.model.img_size, limit=n_points)
@@ -132,12 +137,15 @@ def _figures(cfg: Config, result, out: Path, n_points: int = 1000) -> dict[str, 
     untrained = _random_init(cfg, cfg.train.seed)  # the weights this run started from
     feats = {"trained": embed(result.model, images, cfg), "untrained": embed(untrained, images, cfg)}
     fig, axes = plt.subplots(2, 2, figsize=(11, 9))
+    clusters = []
     for col, (name, f) in enumerate(feats.items()):
-        plot_embedding_2d(axes[0, col], pca_2d(f), labels, names, legend=col == 1, title=f"{name}: PCA")
-        plot_embedding_2d(axes[1, col], tsne_2d(f), labels, names, legend=col == 1, title=f"{name}: t-SNE")
+        for row, (method, to_2d) in enumerate((("PCA", pca_2d), ("t-SNE", tsne_2d))):
+            xy = to_2d(f)  # (N, 2)
+            plot_embedding_2d(axes[row, col], xy, labels, names, legend=col == 1, title=f"{name}: {method}")
+            clusters.append(cluster_verdict(xy, labels, f"the {name} encoder's {method}"))
     fig.suptitle(f"target-encoder features of {len(images)} test images, coloured by class (never seen in training)")
     files["embedding"] = _save(fig, out / "embedding.png")
-    return files
+    return files, clusters
 
 
 def _save(fig, path: Path) -> str:
@@ -147,7 +155,8 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def _write_report(out: Path, cfg: Config, result, ev: dict, figures: dict, times: dict, verdict: str) -> Path:
+def _write_report(out: Path, cfg: Config, result, ev: dict, figures: dict, times: dict, verdict: str,
+                  clusters: list[str]) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     names = [r["name"] for r in ev["rows"]]
     accs = [r.get("linear", 0) * 100 for r in ev["rows"]]
@@ -177,6 +186,7 @@ predictor width {m.pred_embed_dim}, depth {m.pred_depth}. Trained {result.step} 
 <p>{ev['n_train']:,} training and {ev['n_test']:,} test images; the probe sees labels, the encoder never did.</p>
 <img src="{figures['probe']}">
 <h2>Features: trained against untrained</h2><img src="{figures['embedding']}">
+<ul>{"".join(f"<li>{html.escape(s)}</li>" for s in clusters)}</ul>
 </body></html>"""
     path = out / "report.html"
     tmp = path.with_name(path.name + ".tmp")

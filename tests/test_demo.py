@@ -22,3 +22,6 @@ def test_demo_quick_writes_report_with_figures(tmp_path, capsys):
     assert html.escape(summary["verdict"]) in page and summary["verdict"].startswith("The trained encoder")
     assert set(summary["seconds"]) == {"train", "eval", "figures", "total"}
     assert "Time: training" in page
+    # one computed sentence per map says whether its classes form clusters
+    assert len(summary["clusters"]) == 4 and all("class silhouette" in c for c in summary["clusters"])
+    assert all(html.escape(c) in page for c in summary["clusters"])

@@ -92,3 +92,9 @@ def test_cluster_score_high_for_separate_classes_near_zero_for_mixed_or_clumped(
     assert V.cluster_score(clumps, labels) < 0.2
     with pytest.raises(ValueError, match="at least 2 classes"):
         V.cluster_score(separate, np.zeros(200))
+    # the sentence flips with the picture
+    assert "form separate clusters" in V.cluster_verdict(separate, labels, "the trained map")
+    assert "do NOT form clusters" in V.cluster_verdict(mixed, labels, "the untrained map")
+    leaning = centres[labels] * 0.2 + rng.normal(size=(200, 2))  # the classes overlap, but lean apart
+    assert 0.05 <= V.cluster_score(leaning, labels) < 0.25
+    assert "lean together" in V.cluster_verdict(leaning, labels)

@@ -10,6 +10,7 @@ result does (tests/test_verdicts.py runs them on a trained and an untrained mode
 * `collapse_verdict(rankme, dim)`: a RankMe reading -> healthy, low or collapsed.
 * `paired_verdict(what, a, b, name_a, name_b)`: one measure read item by item for two models (or a model and
   a baseline) on the same items -> is the first better by more than the noise of the paired difference?
+* `cluster_verdict(xy, labels, name)`: a 2-D map (t-SNE, PCA) -> do its classes form separate clusters?
 
 The noise of a probe is that of a test-set accuracy: with n test images, an accuracy p has a standard error
 sqrt(p (1 - p) / n). Two accuracies measured on the same n images are called apart when they differ by more
@@ -22,9 +23,11 @@ import math
 from typing import Mapping, Optional, Sequence
 
 __all__ = ["probe_noise", "probe_margins", "probe_verdict", "prediction_verdict", "collapse_verdict",
-           "paired_verdict", "cluster_score", "COLLAPSED_RANKME"]
+           "paired_verdict", "cluster_score", "cluster_verdict", "COLLAPSED_RANKME", "CLUSTERED_SILHOUETTE"]
 
 COLLAPSED_RANKME = 2.0  # below this effective rank the features span about one direction: collapsed
+CLUSTERED_SILHOUETTE = 0.25  # a class silhouette from here up: the classes form separate clusters in a 2-D map
+GROUPED_SILHOUETTE = 0.05  # from here up to CLUSTERED_SILHOUETTE: the classes lean together but overlap
 
 
 def probe_noise(p1: float, p2: float, n_test: int, seed_spread: float = 0.0) -> float:
@@ -179,6 +182,19 @@ def cluster_score(xy, labels) -> float:
         raise ValueError(f"cluster_score needs (N, 2) points and N labels of at least 2 classes, got points "
                          f"{xy.shape} and {len(labels)} labels")
     return float(silhouette_score(xy, labels))
+
+
+def cluster_verdict(xy, labels, name: str = "this map") -> str:
+    """One sentence on a 2-D map of features coloured by class: separate clusters, a lean, or none, from its
+    class silhouette (`cluster_score`). E.g. "In the trained encoder's t-SNE the classes do NOT form clusters:
+    the colours are mixed (class silhouette -0.09; 0.25 or more means separate clusters, about 0 none)."."""
+    score = cluster_score(xy, labels)
+    scale = f"class silhouette {score:.2f}; {CLUSTERED_SILHOUETTE:g} or more means separate clusters, about 0 none"
+    if score >= CLUSTERED_SILHOUETTE:
+        return f"In {name} the classes form separate clusters ({scale})."
+    if score >= GROUPED_SILHOUETTE:
+        return f"In {name} images of one class lean together, but the classes overlap: no separate clusters ({scale})."
+    return f"In {name} the classes do NOT form clusters: the colours are mixed ({scale})."
 
 
 def spread(values: Sequence[float]) -> float:
