@@ -22,7 +22,7 @@ from ijepa_viz.checkpoint import load_training_checkpoint
 from ijepa_viz.train import Trainer
 from tiny import TINY, tiny_config
 
-STEPS, EVERY = 30, 2
+STEPS, EVERY = 120, 2  # enough steps that a fast CPU is still training when each kill lands
 EXTRA = [f"train.checkpoint_every={EVERY}", "train.log_every=1"]
 
 

@@ -475,7 +475,9 @@ def test_feature_cache_gives_the_same_result_and_is_keyed_by_weights_and_images(
     _, n_damaged = run(model)
     assert n_damaged == 4
     # the folder keeps at most FEATURE_CACHE_FILES files
-    monkeypatch.setattr(E, "FEATURE_CACHE_FILES", 3)
+    import ijepa_viz.feature_cache as FC
+
+    monkeypatch.setattr(FC, "FEATURE_CACHE_FILES", 3)
     run(other)
     assert len(list(cache.glob("*.pt"))) == 3
 

@@ -12,8 +12,9 @@ The layers, bottom up (`LAYERS`; a package's name covers its submodules):
 
     0  config                                  the dataclasses and presets: knows no other module
     1  masks, model, schedules, data           the method's parts: masks, networks, schedules, images
-    2  train, evaluate, probes, checkpoint,    what runs the method: training, evaluation, saving and
-       official, pretrained                    loading weights (ours, the official ones, the shipped ones)
+    2  train, evaluate, feature_cache,         what runs the method: training, evaluation, saving and
+       probes, checkpoint, official,           loading weights (ours, the official ones, the shipped ones)
+       pretrained
     3  viz, bench, demo                        what shows it: the notebooks' plots and widgets, the
                                                benchmark, the demo report
     4  cli, __main__, ijepa_viz                the front doors: the command line and `import ijepa_viz as ij`
@@ -39,7 +40,7 @@ LONG_FILE_REASON = "stays one file because"  # the sentence a longer module's do
 LAYERS = {
     "config": 0,
     "masks": 1, "model": 1, "schedules": 1, "data": 1,
-    "train": 2, "evaluate": 2, "probes": 2, "checkpoint": 2, "official": 2, "pretrained": 2,
+    "train": 2, "evaluate": 2, "feature_cache": 2, "probes": 2, "checkpoint": 2, "official": 2, "pretrained": 2,
     "viz": 3, "bench": 3, "demo": 3,
     "cli": 4, "__main__": 4, PACKAGE: 4,
 }
