@@ -66,7 +66,7 @@ def _positive_int(text: str) -> int:
 # -- subcommands -------------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
-    from ijepa_viz.train import Trainer
+    from ijepa_viz.train import Trainer, shutdown_distributed
 
     cfg = _config_from_args(args)
     out = Path(cfg.train.out_dir)
@@ -75,7 +75,12 @@ def cmd_train(args) -> int:
                         f"another --out")
     if args.resume and not (out / "checkpoint.pt").exists():
         print(f"no checkpoint in {str(out)!r} yet: starting a new run")
-    result = Trainer(cfg, resume=args.resume, progress=not args.quiet).fit()
+    try:
+        result = Trainer(cfg, resume=args.resume, progress=not args.quiet).fit()
+    except BaseException:
+        shutdown_distributed(wait=False)  # the other ranks may never reach a barrier
+        raise
+    shutdown_distributed()  # under torchrun: all ranks leave the group together, before the interpreter exits
     if result.checkpoint:
         last = result.history[-1]["loss"] if result.history else float("nan")
         state = "stopped early" if result.stopped_early else "done"

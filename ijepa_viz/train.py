@@ -145,6 +145,19 @@ def init_distributed(device_name: str) -> DistInfo:
     return DistInfo(rank, world, local)
 
 
+def shutdown_distributed(wait: bool = True) -> None:
+    """Leave the process group, if this process joined one. With `wait`, every rank first waits for the others
+    (rank 0 may still be writing its checkpoint); after an error, pass wait=False, since the other ranks may
+    never arrive. Without this, gloo's threads can outlive the interpreter, and a rank that finished its work
+    aborts at exit ('terminate called without an active exception')."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 # -- optimiser ------------------------------------------------------------------------------------
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
