@@ -10,7 +10,9 @@ tried without editing the renderer; config keys with `--set`, as in the CLI.
 
 Besides the probes, each encoder's row says what its features hold: `class_share`, the share of their variance
 that lies between the class means, and `background_r2`, how well a linear map reads each image's background
-colour from them. A t-SNE shows class clusters only where the class, not the background, sets the features.
+colour from them, and `neighbour_purity`, the share of each test image's 10 nearest neighbours that share its
+class. A t-SNE shows class clusters only where the class, not the background, sets the features, and only as
+far as those neighbourhoods are pure.
 
 Appends one JSON line per run to benchmarks/results/dots_design.jsonl (the command is in it).
 """
@@ -64,6 +66,17 @@ def linear_r2(fit_x, fit_t, test_x, test_t, ridge: float = 1.0) -> float:
 
     model = make_pipeline(StandardScaler(), Ridge(alpha=ridge)).fit(fit_x.double().numpy(), fit_t.double().numpy())
     return float(r2_score(test_t.double().numpy(), model.predict(test_x.double().numpy())))
+
+
+def neighbour_purity(x: torch.Tensor, y: torch.Tensor, k: int = 10) -> float:
+    """The share of each image's k nearest neighbours (cosine similarity of the features (N, D), the kNN probe's
+    geometry) that have its class, averaged over the N images: 1 / classes by chance. A t-SNE keeps these
+    neighbourhoods, so its classes can only gather where this share is high."""
+    z = torch.nn.functional.normalize(x.double(), dim=1)
+    sim = z @ z.T  # (N, N)
+    sim.fill_diagonal_(-2.0)  # never your own neighbour
+    nearest = sim.topk(k, dim=1).indices  # (N, k)
+    return float((y[nearest] == y[:, None]).double().mean())
 
 
 def main(argv=None) -> dict:
@@ -138,6 +151,8 @@ def main(argv=None) -> dict:
         if args.tsne_points:  # do the classes form clusters in the picture a learner sees?
             maps[name] = tsne_2d(f_test[:args.tsne_points])
             row[f"{name}_tsne_silhouette"] = round(cluster_score(maps[name], test_y[:args.tsne_points]), 3)
+            row[f"{name}_neighbour_purity"] = round(neighbour_purity(f_test[:args.tsne_points],
+                                                                     test_y[:args.tsne_points]), 3)
     row["pixels_linear"] = round(100 * linear_probe(raw_pixel_features(fit_u8), fit_y, raw_pixel_features(test_u8),
                                                     test_y)["accuracy"], 1)
     row["total_s"] = round(time.perf_counter() - start, 1)

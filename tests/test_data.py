@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ijepa_viz.data.dots as dots_module
 from ijepa_viz import data as D
 from ijepa_viz.config import DataConfig
 from ijepa_viz.data import DataError
@@ -177,6 +178,17 @@ def test_dots_classes_differ_only_in_arrangement():
     aspect = torch.tensor([float(spread(m, xs) / spread(m, ys).clamp(min=0.5)) for m in masks])
     hline, vline = D.DOTS_CLASSES.index("hline"), D.DOTS_CLASSES.index("vline")
     assert aspect[labels == hline].min() > 2 and aspect[labels == vline].max() < 0.5
+
+
+def test_dots_clutter_adds_dots_outside_the_figure(monkeypatch):
+    """CLUTTER_DOTS (a design knob of benchmarks/dots_design.py, 0 by default) draws extra dots anywhere: the
+    same figure under them, more dot pixels, still deterministic."""
+    plain, labels = D.render_dots(range(40), 64)
+    monkeypatch.setattr(dots_module, "CLUTTER_DOTS", 12)
+    cluttered, labels2 = D.render_dots(range(40), 64)
+    assert torch.equal(labels, labels2) and torch.equal(cluttered, D.render_dots(range(40), 64)[0])
+    more = _figure_masks(cluttered).float().mean() / _figure_masks(plain).float().mean()
+    assert 1.3 < more < 2.0  # 12 more dots on top of 16, some overlapping
 
 
 # -- torchvision CIFAR-10 in its on-disk format ---------------------------------------------------------

@@ -38,6 +38,7 @@ NOISE = 0.08  # per-pixel noise, +-NOISE around the background or dot colour
 BACKGROUND = (0.2, 0.8)  # each channel of the flat background colour is drawn from this range
 DOT_COLOUR = None  # None: a random colour per dot; an (r, g, b) in [0, 1]: every dot in that colour
 BACKGROUND_CELLS = 0  # 0: a flat background; n: an n x n grid of cells, each with its own random colour
+CLUTTER_DOTS = 0  # extra dots, like the figure's, at uniform random places: they belong to no figure
 
 
 def _figure(points: Sequence[tuple[float, float]], closed: bool = False) -> list[tuple[tuple, tuple]]:
@@ -78,6 +79,7 @@ def _along(segments: list[tuple[tuple, tuple]], t: torch.Tensor) -> tuple[torch.
 # Layout of the per-image random numbers (columns of _uniform).
 _PER_IMAGE = 8  # background colour (3), figure half-size, centre (2), starting point, noise
 _PER_DOT = 6  # jitter (2), radius, colour (3)
+_CLUTTER_COUNTER = 1 << 18  # clutter dots (x, y, radius, colour (3)) use counters from here on
 _CELL_COUNTER = 1 << 19  # background cell colours use counters from here on
 _NOISE_COUNTER = 1 << 20  # per-pixel noise uses counters from here on
 
@@ -112,6 +114,14 @@ def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: in
     y = cy[:, None] + half[:, None] * fy + (q[..., 1] - 0.5) * JITTER
     radius = DOT_RADIUS[0] + (DOT_RADIUS[1] - DOT_RADIUS[0]) * q[..., 2]  # (N, K)
     colour = q[..., 3:6] if DOT_COLOUR is None else torch.tensor(DOT_COLOUR).expand(n, k, 3)  # (N, K, 3), kept
+    if CLUTTER_DOTS:  # dots of the same kind anywhere in the image, after the figure's: (N, K + CLUTTER_DOTS)
+        m = CLUTTER_DOTS
+        c = _uniform(keys, _CLUTTER_COUNTER, 6 * m).reshape(n, m, 6)  # (N, M, 6)
+        x, y = torch.cat([x, 0.05 + 0.9 * c[..., 0]], 1), torch.cat([y, 0.05 + 0.9 * c[..., 1]], 1)
+        radius = torch.cat([radius, DOT_RADIUS[0] + (DOT_RADIUS[1] - DOT_RADIUS[0]) * c[..., 2]], 1)
+        colour = torch.cat([colour, c[..., 3:6] if DOT_COLOUR is None
+                            else torch.tensor(DOT_COLOUR).expand(n, m, 3)], 1)
+        k = k + m
     # at least 0.4 away from the background:
     coords = (torch.arange(img_size, dtype=torch.float32) + 0.5) / img_size  # pixel centres in [0, 1]
     if BACKGROUND_CELLS:  # an n x n grid of random colours instead of one flat colour
