@@ -84,6 +84,11 @@ _CELL_COUNTER = 1 << 19  # background cell colours use counters from here on
 _NOISE_COUNTER = 1 << 20  # per-pixel noise uses counters from here on
 
 
+def _dot_colours(uniform: torch.Tensor) -> torch.Tensor:
+    """Dot colours (..., 3): the random draws `uniform`, or DOT_COLOUR everywhere when it is set."""
+    return uniform if DOT_COLOUR is None else torch.tensor(DOT_COLOUR).expand(uniform.shape)
+
+
 def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: int, seed: int = 0,
                 split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """Render 'dots' images: (uint8 (N, 3, img_size, img_size), labels int64 (N,)).
@@ -113,14 +118,13 @@ def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: in
     x = cx[:, None] + half[:, None] * fx + (q[..., 0] - 0.5) * JITTER  # (N, K) dot centres in [0, 1]
     y = cy[:, None] + half[:, None] * fy + (q[..., 1] - 0.5) * JITTER
     radius = DOT_RADIUS[0] + (DOT_RADIUS[1] - DOT_RADIUS[0]) * q[..., 2]  # (N, K)
-    colour = q[..., 3:6] if DOT_COLOUR is None else torch.tensor(DOT_COLOUR).expand(n, k, 3)  # (N, K, 3), kept
+    colour = _dot_colours(q[..., 3:6])  # (N, K, 3), kept
     if CLUTTER_DOTS:  # dots of the same kind anywhere in the image, after the figure's: (N, K + CLUTTER_DOTS)
         m = CLUTTER_DOTS
         c = _uniform(keys, _CLUTTER_COUNTER, 6 * m).reshape(n, m, 6)  # (N, M, 6)
         x, y = torch.cat([x, 0.05 + 0.9 * c[..., 0]], 1), torch.cat([y, 0.05 + 0.9 * c[..., 1]], 1)
         radius = torch.cat([radius, DOT_RADIUS[0] + (DOT_RADIUS[1] - DOT_RADIUS[0]) * c[..., 2]], 1)
-        colour = torch.cat([colour, c[..., 3:6] if DOT_COLOUR is None
-                            else torch.tensor(DOT_COLOUR).expand(n, m, 3)], 1)
+        colour = torch.cat([colour, _dot_colours(c[..., 3:6])], 1)
         k = k + m
     # at least 0.4 away from the background:
     coords = (torch.arange(img_size, dtype=torch.float32) + 0.5) / img_size  # pixel centres in [0, 1]
