@@ -28,6 +28,7 @@ Variants (the first listed is the reference of the ratios):
 (Compiled variants share torch.compile's per-function cache within a process: time each in its own run, with
 TORCHINDUCTOR_CACHE_DIR set to an empty folder for a cold compile.)
   fp32           fp32 eager with SDPA (bench's fp32-eager)
+  patch2         patch size 2 instead of 4 (issue 11's option): a 16x16 grid, 256 patches instead of 64
 """
 from __future__ import annotations
 
@@ -135,6 +136,7 @@ VARIANTS = {
     "compile": lambda: build(["train.compile=true"]),
     "compile-static": lambda: build(patch=_compile_static),
     "fp32": lambda: build(["train.precision=fp32", "train.attention=sdpa"]),
+    "patch2": lambda: build(["model.patch_size=2"]),
 }
 
 

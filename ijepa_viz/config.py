@@ -46,6 +46,7 @@ class ModelConfig:
     sigreg_weight: float = 0.0  # LeJEPA's SIGReg (Epps-Pulley on random 1-D projections) in the loss; 0: off (paper)
     sigreg_projections: int = 256  # random directions SIGReg draws each step (LeJEPA: 256)
     reg_features: str = "context"  # what the three terms see: 'context' (per-image mean of s_x) or 'predictor'
+    reg_expander: int = 0  # width of VICReg's expander MLP between those features and the terms; 0: none
 
 
 @dataclass
@@ -296,6 +297,9 @@ def _validate(cfg: Config) -> None:
     _check(m.reg_features in ("context", "predictor"),
            f"model.reg_features={m.reg_features!r} must be 'context' (per-image mean of the context encoder's "
            f"tokens) or 'predictor' (every predicted target token)")
+    _check(m.reg_expander >= 0,
+           f"model.reg_expander={m.reg_expander} must be 0 (the terms see the features themselves) or the width "
+           f"of the expander MLP (VICReg: 8192)")
     _check(not (m.reg_features == "predictor" and m.target == "pixels"
                 and (m.var_weight or m.cov_weight or m.sigreg_weight)),
            "model.reg_features='predictor' would regularise pixel predictions when model.target='pixels'; "

@@ -318,6 +318,26 @@ def sigreg(z: torch.Tensor, num_projections: int = 256, generator: Optional[torc
     with no_autocast:
         return epps_pulley(z @ a).mean()
 
+class Expander(nn.Module):
+    """VICReg's expander (Bardes et al., 2022, Sec. 4.2): the variance and covariance terms act on
+    h = expander(y) rather than on the representation y itself, through an MLP of three linear layers, the first
+    two followed by batch norm and ReLU (VICReg: 8192 wide). Downstream tasks use y, not h. Whitening h leaves y
+    free to keep most of its variance in a few directions (VICReg reports y better than h for linear probes);
+    the terms on y itself spread its variance over every dimension.
+
+    (N, D) -> (N, width). Used only through `IJEPA.regularisers` (`model.reg_expander`, off by default).
+    """
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+                                 nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+                                 nn.Linear(width, width))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=y.device.type, enabled=False):
+            return self.net(y.float())
+
 
 # -- I-JEPA -------------------------------------------------------------------------------------
 
@@ -374,6 +394,9 @@ class IJEPA(nn.Module):
         if ema:
             self.target_encoder = copy.deepcopy(self.encoder)  # starts equal to the context encoder
             self.target_encoder.requires_grad_(False)
+        self.expander = None  # VICReg's expander: used by the optional regularisers only, never evaluated
+        if cfg.reg_expander > 0 and (cfg.var_weight > 0 or cfg.cov_weight > 0 or cfg.sigreg_weight > 0):
+            self.expander = Expander(cfg.embed_dim, cfg.reg_expander)
         self.pixel_head = None
         if cfg.target == "pixels":
             self.pixel_head = nn.Linear(cfg.embed_dim, cfg.patch_size ** 2 * cfg.in_chans)
@@ -421,10 +444,14 @@ class IJEPA(nn.Module):
           "the mean of patch representations"; gradients reach the context encoder only.
         * 'predictor': every predicted target token, (B, M, K, D) -> (B*M*K, D); gradients reach the predictor
           and, through it, the context encoder.
+
+        With `cfg.reg_expander` > 0 these samples go through VICReg's `Expander` first: (N, D) -> (N, width).
         """
         if self.cfg.reg_features == "predictor":
-            return pred.reshape(-1, pred.shape[-1])
-        return z.float().mean(dim=1)
+            feats = pred.reshape(-1, pred.shape[-1])
+        else:
+            feats = z.float().mean(dim=1)
+        return feats if self.expander is None else self.expander(feats)
 
     def regularisers(self, z: torch.Tensor, pred: torch.Tensor) -> dict:
         """The unweighted optional terms whose weight in `cfg` is > 0: {'var': v(Z), 'cov': c(Z),

@@ -245,6 +245,30 @@ def test_a_positive_weight_changes_the_encoder_gradient():
             assert torch.equal(pa.grad, pb.grad)
 
 
+def test_expander_sits_between_the_features_and_the_terms():
+    x, masks = batch()
+    model = model_with(var_weight=1.0, cov_weight=0.04, reg_expander=24)
+    out = model(x, masks)
+    y = out.context.float().mean(1)  # (B, D): what the terms see without an expander
+    h = model.expander(y)  # (B, 24): what they see with one
+    assert h.shape == (6, 24)
+    torch.testing.assert_close(out.loss_terms["var"], vicreg_variance(h))
+    torch.testing.assert_close(out.loss_terms["cov"], vicreg_covariance(h))
+    term = out.loss_terms["var"] + out.loss_terms["cov"]
+    assert grads(term, list(model.expander.parameters()))  # the expander learns from the terms ...
+    assert grads(term, list(model.encoder.parameters()))  # ... and passes their gradient on to the encoder
+    assert not grads(term, list(model.predictor.parameters()))
+
+
+def test_no_expander_without_a_regulariser_or_by_default():
+    assert model_with().expander is None
+    assert model_with(reg_expander=24).expander is None  # no term to feed: no parameters added
+    keys = set(model_with(var_weight=1.0).state_dict())  # the paper's state dict, unchanged
+    assert keys == set(model_with().state_dict())
+    with pytest.raises(ConfigError, match="reg_expander"):
+        override(Config(), ["model.reg_expander=-1"])
+
+
 def test_regularised_forward_under_bf16_autocast_is_finite():
     x, masks = batch()
     model = model_with(var_weight=1.0, cov_weight=1.0, sigreg_weight=0.1)
