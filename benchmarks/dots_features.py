@@ -57,8 +57,12 @@ def factors(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     q = dots._uniform(keys, dots._PER_IMAGE, dots._PER_DOT * dots.DOTS_PER_FIGURE).numpy()
     q = q.reshape(n, dots.DOTS_PER_FIGURE, dots._PER_DOT)  # (N, K, 6)
     angle = 2 * np.pi * p[:, 6]
+    low, high = dots.BACKGROUND
+    half = dots.FIGURE_HALF_SIZE[0] + (dots.FIGURE_HALF_SIZE[1] - dots.FIGURE_HALF_SIZE[0]) * p[:, 3]
+    room = np.clip(1 - 2 * half - dots.JITTER, 0, None)  # as in render_dots
+    centre = 0.5 + (p[:, 4:6] - 0.5) * room[:, None]
     return {"class": np.eye(len(dots.DOTS_CLASSES))[idx % len(dots.DOTS_CLASSES)],
-            "background colour": p[:, 0:3], "figure size and place": p[:, 3:6],
+            "background colour": low + (high - low) * p[:, 0:3], "figure size and place": np.c_[half, centre],
             "starting point": np.c_[np.cos(angle), np.sin(angle)], "mean dot colour": q[..., 3:6].mean(1)}
 
 

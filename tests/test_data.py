@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import sys
 import warnings
 from pathlib import Path
 
@@ -481,3 +482,18 @@ def test_build_transform_handles_pil_modes():
         warnings.simplefilter("error")
         x = D.build_transform(DataConfig(), 32, False)(Image.new("LA", (40, 32)))
     assert x.shape == (3, 32, 32)
+
+
+def test_dots_features_reads_the_factors_the_renderer_drew():
+    """benchmarks/dots_features.py re-derives each image's rendering factors from the renderer's random draws;
+    the background colour it reports is the colour of the image's border pixels (noise and stray dots aside)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import dots_features
+
+    images, labels = D.render_dots(range(30), 32, 0, "test")
+    f = dots_features.factors(30)
+    assert f["class"].shape == (30, len(dots_module.DOTS_CLASSES))
+    assert np.array_equal(f["class"].argmax(1), labels.numpy())
+    border = torch.cat([images[:, :, 0, :], images[:, :, -1, :]], dim=2).float() / 255  # (N, 3, 2W)
+    seen = border.median(dim=2).values.numpy()  # (N, 3)
+    assert np.abs(seen - f["background colour"]).max() < 0.1  # NOISE is +-0.08
