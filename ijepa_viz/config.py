@@ -43,6 +43,7 @@ class ModelConfig:
     loss: str = "smooth_l1"  # 'smooth_l1' (official code) or 'mse' (the paper's L2)
     var_weight: float = 0.0  # VICReg variance hinge added to the loss (C-JEPA, VICReg: 25); 0: off (paper)
     cov_weight: float = 0.0  # VICReg off-diagonal covariance penalty added to the loss (VICReg: 1); 0: off (paper)
+    var_gamma: float = 1.0  # the std the variance hinge asks of every dimension (VICReg's gamma: 1)
     sigreg_weight: float = 0.0  # LeJEPA's SIGReg (Epps-Pulley on random 1-D projections) in the loss; 0: off (paper)
     sigreg_projections: int = 256  # random directions SIGReg draws each step (LeJEPA: 256)
     reg_features: str = "context"  # what the three terms see: 'context' (per-image mean of s_x) or 'predictor'
@@ -297,6 +298,8 @@ def _validate(cfg: Config) -> None:
     _check(m.reg_features in ("context", "predictor"),
            f"model.reg_features={m.reg_features!r} must be 'context' (per-image mean of the context encoder's "
            f"tokens) or 'predictor' (every predicted target token)")
+    _check(0 < m.var_gamma < float("inf"),
+           f"model.var_gamma={m.var_gamma} must be a positive number (the std the variance term asks for; VICReg: 1)")
     _check(m.reg_expander >= 0,
            f"model.reg_expander={m.reg_expander} must be 0 (the terms see the features themselves) or the width "
            f"of the expander MLP (VICReg: 8192)")

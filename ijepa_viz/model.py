@@ -467,7 +467,7 @@ class IJEPA(nn.Module):
             return terms
         feats = self.regularised_features(z, pred)
         if c.var_weight > 0:
-            terms["var"] = vicreg_variance(feats)
+            terms["var"] = vicreg_variance(feats, gamma=c.var_gamma)
         if c.cov_weight > 0:
             terms["cov"] = vicreg_covariance(feats)
         if c.sigreg_weight > 0:

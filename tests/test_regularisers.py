@@ -260,6 +260,16 @@ def test_expander_sits_between_the_features_and_the_terms():
     assert not grads(term, list(model.predictor.parameters()))
 
 
+def test_var_gamma_sets_the_std_the_variance_term_asks_for():
+    x, masks = batch()
+    out = model_with(var_weight=1.0, var_gamma=0.25)(x, masks)
+    feats = out.context.float().mean(1)
+    torch.testing.assert_close(out.loss_terms["var"], vicreg_variance(feats, gamma=0.25))
+    assert out.loss_terms["var"] < vicreg_variance(feats)  # a lower bar is never further away
+    with pytest.raises(ConfigError, match="var_gamma"):
+        override(Config(), ["model.var_gamma=0"])
+
+
 def test_no_expander_without_a_regulariser_or_by_default():
     assert model_with().expander is None
     assert model_with(reg_expander=24).expander is None  # no term to feed: no parameters added
