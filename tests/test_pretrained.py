@@ -88,3 +88,22 @@ def test_probe_verdict_follows_real_features_of_shipped_and_untrained_models(cap
     assert main(["eval", "--checkpoint", DOTS, "--probe", "knn", "--limit-train", "200", "--limit-test", "100",
                  "--quiet"]) == 0
     assert "ijepa (target encoder)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(DOTS not in shipped(), reason="the dots weights are not installed")
+def test_patch_code_verdict_follows_real_patch_features_of_shipped_and_untrained_models():
+    """Notebook 05's sentence on what sets the patch features, on real ones: the shipped dots model's patches
+    carry one code per image, the untrained model's are mostly their position, and the sentence says which."""
+    from ijepa_viz.data.dots import render_dots
+    from ijepa_viz.evaluate import _random_init
+    from ijepa_viz.viz import features as fx
+    from ijepa_viz.viz.verdicts import patch_code_verdict
+
+    model, cfg = ij.load_pretrained(DOTS)
+    images, _ = render_dots(range(48), cfg.model.img_size, 0, "test")
+    texts = {}
+    for name, candidate in (("trained", model), ("untrained", _random_init(cfg, cfg.train.seed))):
+        p = fx.embed(candidate, images, cfg, pool="none")  # (48, P, D)
+        texts[name] = patch_code_verdict(fx.position_share(p), fx.image_share(p), name)
+    assert "mostly carry one code" in texts["trained"], texts["trained"]
+    assert "map of coordinates" in texts["untrained"], texts["untrained"]

@@ -98,3 +98,14 @@ def test_cluster_score_high_for_separate_classes_near_zero_for_mixed_or_clumped(
     leaning = centres[labels] * 0.2 + rng.normal(size=(200, 2))  # the classes overlap, but lean apart
     assert 0.05 <= V.cluster_score(leaning, labels) < 0.25
     assert "lean together" in V.cluster_verdict(leaning, labels)
+
+
+def test_patch_code_verdict_three_ways_and_bad_shares():
+    from ijepa_viz.viz.verdicts import patch_code_verdict
+
+    assert "mostly carry one code (83% of the variance is the image's mean, 11% the position)" in \
+        patch_code_verdict(0.11, 0.83, "A")
+    assert "map of coordinates" in patch_code_verdict(0.81, 0.12, "B")
+    assert "neither the position nor the image" in patch_code_verdict(0.3, 0.3, "C")
+    with pytest.raises(ValueError, match="image_share=1.5"):
+        patch_code_verdict(0.1, 1.5)

@@ -458,6 +458,20 @@ def test_position_share_common_share_and_mean_cosine():
     assert fx.mean_cosine(feats[:6]) == pytest.approx(float(pairs), abs=1e-9)
 
 
+def test_image_share_is_what_the_patches_of_an_image_share():
+    g = torch.Generator().manual_seed(0)
+    per_image = torch.randn(30, 1, 8, generator=g) * 10
+    assert fx.image_share(per_image.expand(30, 16, 8)) == pytest.approx(1.0)  # every patch the image's code
+    pos = torch.randn(1, 16, 8, generator=g) * 10
+    assert fx.image_share(pos.expand(30, 16, 8) + 0 * per_image) == pytest.approx(0.0, abs=1e-6)
+    noise = torch.randn(30, 16, 8, generator=g)
+    assert fx.image_share(per_image + noise) > 0.95 and fx.image_share(noise) < 0.15
+    split = per_image + pos + noise  # image, position and the rest add up to about 1
+    assert fx.image_share(split) + fx.position_share(split) == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(ValueError, match="N >= 2"):
+        fx.image_share(pos[0])
+
+
 def test_similarity_search_centre_subtracts_the_gallery_mean():
     rng = np.random.default_rng(1)
     gallery = (rng.normal(size=(40, 8)) + 20).astype(np.float32)  # a large shared component

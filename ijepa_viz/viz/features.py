@@ -294,6 +294,23 @@ def position_share(patch_feats) -> float:
     return float(between / total.clamp_min(1e-12))
 
 
+def image_share(patch_feats) -> float:
+    """How much of the variance of patch features (N, P, D) is the image's own mean: the variance of the
+    per-image means over all patch features' variance, in [0, 1].
+
+    1 means every patch of an image carries the same feature (a code for the whole image, nothing local);
+    0 means the patches of one image differ as much as patches of different images. With `position_share`,
+    it splits the variance into what the position sets, what the image sets, and what is left to each patch.
+    """
+    x = torch.as_tensor(patch_feats).float()
+    if x.ndim != 3 or x.shape[0] < 2:
+        raise ValueError(f"image_share needs (N, P, D) patch features of N >= 2 images, got {tuple(x.shape)}")
+    flat = x.reshape(-1, x.shape[-1])
+    total = ((flat - flat.mean(0)) ** 2).sum(-1).mean()
+    between = ((x.mean(1) - flat.mean(0)) ** 2).sum(-1).mean()  # (N, D) image means
+    return float(between / total.clamp_min(1e-12))
+
+
 def common_share(feats) -> float:
     """The part of pooled features (N, D) that all images share: |mean|^2 / mean(|f|^2), in [0, 1].
 

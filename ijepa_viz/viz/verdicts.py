@@ -11,6 +11,8 @@ result does (tests/test_verdicts.py runs them on a trained and an untrained mode
 * `paired_verdict(what, a, b, name_a, name_b)`: one measure read item by item for two models (or a model and
   a baseline) on the same items -> is the first better by more than the noise of the paired difference?
 * `cluster_verdict(xy, labels, name)`: a 2-D map (t-SNE, PCA) -> do its classes form separate clusters?
+* `patch_code_verdict(position_share, image_share, name)`: what sets an encoder's patch features: their
+  position, the image as a whole, or each patch's own content?
 
 The noise of a probe is that of a test-set accuracy: with n test images, an accuracy p has a standard error
 sqrt(p (1 - p) / n). Two accuracies measured on the same n images are called apart when they differ by more
@@ -23,7 +25,8 @@ import math
 from typing import Mapping, Optional, Sequence
 
 __all__ = ["probe_noise", "probe_margins", "probe_verdict", "prediction_verdict", "collapse_verdict",
-           "paired_verdict", "cluster_score", "cluster_verdict", "COLLAPSED_RANKME", "CLUSTERED_SILHOUETTE"]
+           "paired_verdict", "cluster_score", "cluster_verdict", "patch_code_verdict", "COLLAPSED_RANKME",
+           "CLUSTERED_SILHOUETTE"]
 
 COLLAPSED_RANKME = 2.0  # below this effective rank the features span about one direction: collapsed
 CLUSTERED_SILHOUETTE = 0.25  # a class silhouette from here up: the classes form separate clusters in a 2-D map
@@ -195,6 +198,26 @@ def cluster_verdict(xy, labels, name: str = "this map") -> str:
     if score >= GROUPED_SILHOUETTE:
         return f"In {name} images of one class lean together, but the classes overlap: no separate clusters ({scale})."
     return f"In {name} the classes do NOT form clusters: the colours are mixed ({scale})."
+
+
+def patch_code_verdict(position_share: float, image_share: float, name: str = "this encoder") -> str:
+    """One sentence on what sets an encoder's patch features (N, P, D), from `features.position_share` (the
+    variance of the per-position means) and `features.image_share` (that of the per-image means), both in
+    [0, 1]: whichever is above one half dominates; otherwise each patch's own content has a large part.
+    E.g. "In the trained encoder, the patches of one image mostly carry one code (83% of the variance is the
+    image's mean, 11% the position): ..."."""
+    for value, what in ((position_share, "position_share"), (image_share, "image_share")):
+        if not 0.0 <= value <= 1.0 + 1e-6:
+            raise ValueError(f"{what}={value} must be a share of the variance, in [0, 1]")
+    shares = f"{image_share:.0%} of the variance is the image's mean, {position_share:.0%} the position"
+    if image_share > 0.5:
+        return (f"In {name}, the patches of one image mostly carry one code ({shares}): it describes each image "
+                f"as a whole, so the colours below change more from image to image than within one.")
+    if position_share > 0.5:
+        return (f"In {name}, the patch features are mostly a map of coordinates ({shares}): the plain colours "
+                f"paint the position, and only the 'content' rows show what the patches hold.")
+    return (f"In {name}, neither the position nor the image as a whole dominates ({shares}): much of each patch's "
+            f"feature is its own content.")
 
 
 def spread(values: Sequence[float]) -> float:
