@@ -318,6 +318,7 @@ def sigreg(z: torch.Tensor, num_projections: int = 256, generator: Optional[torc
     with no_autocast:
         return epps_pulley(z @ a).mean()
 
+
 class Expander(nn.Module):
     """VICReg's expander (Bardes et al., 2022, Sec. 4.2): the variance and covariance terms act on
     h = expander(y) rather than on the representation y itself, through an MLP of three linear layers, the first
