@@ -13,7 +13,11 @@ and reports, for the trained and the untrained encoder:
   figure's size and place, its starting point, the mean dot colour, and all of them together;
 * `noise_share`: the share of the feature variance that changes when only the per-pixel noise is drawn
   again (half the variance of the difference between the two renderings' features, over the total);
-* `top5_pc_share`: the share of the variance in the first 5 principal directions.
+* `top5_pc_share`: the share of the variance in the first 5 principal directions;
+* `pooled_std`: the median, min and max over the dimensions of each pooled dimension's std across the images
+  (the cpu-demo recipe's variance term asks for at least 1);
+* `patch_image_share`, `patch_position_share`: of the variance of the patch features of 200 images, the share
+  of the per-image means and of the per-position means (`features.image_share`, `features.position_share`).
 
 A t-SNE gathers the classes only where the class is a large share of what the features vary with. Writes
 benchmarks/results/dots_features.json.
@@ -76,6 +80,12 @@ def describe(model, cfg, images: torch.Tensor, renoised: torch.Tensor, groups: d
     row["noise_share"] = round(float(((f - g).var(0).sum() / 2) / f.var(0).sum()), 3)
     ev = np.linalg.svd(f - f.mean(0), compute_uv=False) ** 2
     row["top5_pc_share"] = round(float(ev[:5].sum() / ev.sum()), 3)
+    std = torch.from_numpy(std)  # each pooled dimension's std across the images, before standardising
+    row["pooled_std"] = {"median": round(float(std.median()), 3), "min": round(float(std.min()), 3),
+                         "max": round(float(std.max()), 3)}
+    patches = fx.embed(model, images[:200], cfg, pool="none")  # (200, P, D)
+    row["patch_image_share"] = round(fx.image_share(patches), 3)
+    row["patch_position_share"] = round(fx.position_share(patches), 3)
     return row
 
 
