@@ -192,6 +192,31 @@ def test_dots_clutter_adds_dots_outside_the_figure(monkeypatch):
     assert 1.3 < more < 2.0  # 12 more dots on top of 16, some overlapping
 
 
+def test_dots_colour_modes(monkeypatch):
+    """DOT_COLOUR, a design knob of benchmarks/dots_design.py (None, a colour per dot, by default): "image" gives
+    every dot of an image one colour; "dot-polarity" / "image-polarity" make each dot CONTRAST lighter or darker
+    than the background in every channel, the sign drawn per dot / per image."""
+    draws = torch.rand(2, 5, 3)
+    monkeypatch.setattr(dots_module, "DOT_COLOUR", "image")
+    same = dots_module._dot_colours(draws)
+    assert torch.equal(same, draws[:, :1].expand(2, 5, 3))
+    monkeypatch.setattr(dots_module, "DOT_COLOUR", (0.9, 0.1, 0.5))
+    assert torch.equal(dots_module._dot_colours(draws)[1, 3], torch.tensor([0.9, 0.1, 0.5]))
+
+    monkeypatch.setattr(dots_module, "NOISE", 0.0)
+    signs = {}
+    for mode in ("dot-polarity", "image-polarity"):
+        monkeypatch.setattr(dots_module, "DOT_COLOUR", mode)
+        images, _ = D.render_dots(range(20), 48)
+        d = images.float() / 255 - images.float().flatten(2).median(2).values[..., None, None] / 255  # (N, 3, H, W)
+        moved = (d.abs() > 0.05).any(1)  # (N, H, W): dot pixels
+        lighter, darker = moved & (d > -0.01).all(1), moved & (d < 0.01).all(1)  # by their sign
+        # every channel of a dot moves the same way (but where a lighter and a darker dot overlap at an edge):
+        assert moved.sum() > 1000 and (lighter | darker)[moved].float().mean() > 0.99
+        signs[mode] = (lighter.flatten(1).any(1) & darker.flatten(1).any(1)).float().mean()  # both signs in one image
+    assert signs["dot-polarity"] > 0.8 and signs["image-polarity"] == 0
+
+
 # -- torchvision CIFAR-10 in its on-disk format ---------------------------------------------------------
 
 def test_cifar10_dataset_offline(tiny_cifar):

@@ -36,7 +36,7 @@ FIGURE_HALF_SIZE = (0.30, 0.44)  # half the figure's extent, a fraction of the i
 JITTER = 0.08  # each dot moves by up to +-JITTER/2 of the image side in x and y
 NOISE = 0.08  # per-pixel noise, +-NOISE around the background or dot colour
 BACKGROUND = (0.2, 0.8)  # each channel of the flat background colour is drawn from this range
-DOT_COLOUR = None  # None: a random colour per dot; an (r, g, b) in [0, 1]: every dot in that colour
+DOT_COLOUR = None  # None: a random colour per dot; "image": one random colour per image; (r, g, b): every dot
 BACKGROUND_CELLS = 0  # 0: a flat background; n: an n x n grid of cells, each with its own random colour
 CLUTTER_DOTS = 0  # extra dots, like the figure's, at uniform random places: they belong to no figure
 
@@ -84,9 +84,17 @@ _CELL_COUNTER = 1 << 19  # background cell colours use counters from here on
 _NOISE_COUNTER = 1 << 20  # per-pixel noise uses counters from here on
 
 
+_POLARITY = ("dot-polarity", "image-polarity")  # DOT_COLOUR modes: bg +- CONTRAST, the sign drawn per dot / image
+CONTRAST = 0.4
+
+
 def _dot_colours(uniform: torch.Tensor) -> torch.Tensor:
-    """Dot colours (..., 3): the random draws `uniform`, or DOT_COLOUR everywhere when it is set."""
-    return uniform if DOT_COLOUR is None else torch.tensor(DOT_COLOUR).expand(uniform.shape)
+    """Dot colours (N, K, 3) from the random draws `uniform` (N, K, 3), as DOT_COLOUR says."""
+    if DOT_COLOUR is None or DOT_COLOUR in _POLARITY:
+        return uniform
+    if DOT_COLOUR == "image":  # every dot of an image takes its first dot's colour
+        return uniform[:, :1].expand(uniform.shape)
+    return torch.tensor(DOT_COLOUR).expand(uniform.shape)
 
 
 def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: int, seed: int = 0,
@@ -140,8 +148,12 @@ def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: in
     else:
         img = bg[:, :, None, None].expand(n, 3, img_size, img_size).clone()  # (N, 3, H, W)
         under = bg[:, None].expand(n, k, 3)
-    near = (colour - under).norm(dim=-1, keepdim=True) < 0.4
-    colour = torch.where(near, torch.remainder(under + 0.5, 1.0), colour)
+    if DOT_COLOUR in _POLARITY:  # lighter or darker than what lies under the dot, by CONTRAST in every channel
+        draw = colour[..., :1] if DOT_COLOUR == "dot-polarity" else colour[:, :1, :1].expand(n, k, 1)
+        colour = (under + torch.where(draw < 0.5, CONTRAST, -CONTRAST)).clamp(0, 1)
+    else:
+        near = (colour - under).norm(dim=-1, keepdim=True) < 0.4
+        colour = torch.where(near, torch.remainder(under + 0.5, 1.0), colour)
 
     # -- paint: a one-pixel anti-aliased disc per dot, later dots over earlier ones ------------------------
     for j in range(k):
