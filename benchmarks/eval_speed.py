@@ -127,9 +127,10 @@ def run_case(case: str, args) -> dict:
     from ijepa_viz.config import get_preset, override
     from ijepa_viz.data import UInt8Cache
     from ijepa_viz.model import IJEPA
+    from ijepa_viz.pretrained import is_shipped, load_shipped
     from ijepa_viz.train import load_model
 
-    model, cfg = load_model(args.checkpoint)
+    model, cfg = load_shipped(args.checkpoint) if is_shipped(args.checkpoint) else load_model(args.checkpoint)
     checkpoint = args.checkpoint
     if case == "cifar10":
         cfg = override(cfg, ["data.name=imagefolder", f"data.root={args.cifar_root}"])
@@ -207,7 +208,8 @@ def run_case(case: str, args) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a training checkpoint (its model is evaluated)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a training checkpoint, or a shipped model's name (its model is evaluated)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated: {', '.join(CASES)}")
     p.add_argument("--cifar-root", default=str(HERE.parent.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--scratch", default="/tmp/ijepa_eval_speed", help="where the 200-class folders are made")

@@ -37,6 +37,9 @@ JITTER = 0.08  # each dot moves by up to +-JITTER/2 of the image side in x and y
 NOISE = 0.08  # per-pixel noise, +-NOISE around the background or dot colour
 BACKGROUND = (0.2, 0.8)  # each channel of the flat background colour is drawn from this range
 DOT_COLOUR = None  # None: a random colour per dot; "image": one random colour per image; (r, g, b): every dot
+# in that colour; "dot-polarity" / "image-polarity": CONTRAST lighter or darker than the background in every
+# channel, the sign drawn per dot / per image (the design knobs of benchmarks/dots_design.py's fourth round)
+CONTRAST = 0.4
 BACKGROUND_CELLS = 0  # 0: a flat background; n: an n x n grid of cells, each with its own random colour
 CLUTTER_DOTS = 0  # extra dots, like the figure's, at uniform random places: they belong to no figure
 
@@ -83,9 +86,7 @@ _CLUTTER_COUNTER = 1 << 18  # clutter dots (x, y, radius, colour (3)) use counte
 _CELL_COUNTER = 1 << 19  # background cell colours use counters from here on
 _NOISE_COUNTER = 1 << 20  # per-pixel noise uses counters from here on
 
-
-_POLARITY = ("dot-polarity", "image-polarity")  # DOT_COLOUR modes: bg +- CONTRAST, the sign drawn per dot / image
-CONTRAST = 0.4
+_POLARITY = ("dot-polarity", "image-polarity")
 
 
 def _dot_colours(uniform: torch.Tensor) -> torch.Tensor:
