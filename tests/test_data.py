@@ -197,13 +197,21 @@ def test_dots_colour_modes(monkeypatch):
     every dot of an image one colour; "dot-polarity" / "image-polarity" make each dot CONTRAST lighter or darker
     than the background in every channel, the sign drawn per dot / per image."""
     draws = torch.rand(2, 5, 3)
-    monkeypatch.setattr(dots_module, "DOT_COLOUR", "image")
-    same = dots_module._dot_colours(draws)
-    assert torch.equal(same, draws[:, :1].expand(2, 5, 3))
     monkeypatch.setattr(dots_module, "DOT_COLOUR", (0.9, 0.1, 0.5))
     assert torch.equal(dots_module._dot_colours(draws)[1, 3], torch.tensor([0.9, 0.1, 0.5]))
 
     monkeypatch.setattr(dots_module, "NOISE", 0.0)
+    monkeypatch.setattr(dots_module, "CLUTTER_DOTS", 6)
+    monkeypatch.setattr(dots_module, "DOT_COLOUR", "image")
+    images, _ = D.render_dots(range(20), 48)
+    flat = images.flatten(2).transpose(1, 2)  # (N, H*W, 3)
+    for img in flat:  # the background and one dot colour, plus anti-aliased blends of the two on a line
+        bg, far = img.median(0).values.float(), (img.float() - img.median(0).values).norm(dim=1)
+        dot = img[far.argmax()].float()  # the colour farthest from the background: a dot's centre
+        on_line = (img.float() - bg)[far > 20]  # dot pixels, each bg + a * (dot - bg) with a in (0, 1]
+        a = on_line @ (dot - bg) / (dot - bg).norm() ** 2
+        assert (on_line - a[:, None] * (dot - bg)).norm(dim=1).max() < 6  # one colour per image (uint8 rounding)
+
     signs = {}
     for mode in ("dot-polarity", "image-polarity"):
         monkeypatch.setattr(dots_module, "DOT_COLOUR", mode)

@@ -91,10 +91,8 @@ _POLARITY = ("dot-polarity", "image-polarity")
 
 def _dot_colours(uniform: torch.Tensor) -> torch.Tensor:
     """Dot colours (N, K, 3) from the random draws `uniform` (N, K, 3), as DOT_COLOUR says."""
-    if DOT_COLOUR is None or DOT_COLOUR in _POLARITY:
+    if DOT_COLOUR is None or isinstance(DOT_COLOUR, str):  # the modes are applied once all dots are drawn
         return uniform
-    if DOT_COLOUR == "image":  # every dot of an image takes its first dot's colour
-        return uniform[:, :1].expand(uniform.shape)
     return torch.tensor(DOT_COLOUR).expand(uniform.shape)
 
 
@@ -149,6 +147,8 @@ def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: in
     else:
         img = bg[:, :, None, None].expand(n, 3, img_size, img_size).clone()  # (N, 3, H, W)
         under = bg[:, None].expand(n, k, 3)
+    if DOT_COLOUR == "image":  # every dot of an image, clutter included, takes its first dot's colour
+        colour = colour[:, :1].expand(n, k, 3)
     if DOT_COLOUR in _POLARITY:  # lighter or darker than what lies under the dot, by CONTRAST in every channel
         draw = colour[..., :1] if DOT_COLOUR == "dot-polarity" else colour[:, :1, :1].expand(n, k, 1)
         colour = (under + torch.where(draw < 0.5, CONTRAST, -CONTRAST)).clamp(0, 1)
