@@ -19,6 +19,7 @@ Variants (the first listed is the reference of the ratios):
   inference      the target forward under torch.inference_mode instead of no_grad (its output cloned)
   tgt-sdpa       fused SDPA attention in the target encoder only (it runs without gradients)
   sdpa           fused SDPA attention everywhere
+  math           explicit-matmul attention everywhere (what train.attention=auto picks for bf16 on a CPU)
   foreach-adamw  AdamW(foreach=True) instead of fused=True
   loop-adamw     AdamW(foreach=False, fused=False), one parameter at a time
   ema-loop       the EMA update one parameter at a time instead of one foreach lerp
@@ -47,7 +48,7 @@ from torch._dynamo.utils import counters
 
 from ijepa_viz.config import get_preset, override
 from ijepa_viz.model import gather_tokens, set_attention
-from ijepa_viz.train import Trainer, param_groups
+from ijepa_viz.train import Trainer, param_groups, tune_cpu_allocator
 
 ISSUE_CONFIG = ["model.depth=12", "model.pred_depth=6"]  # on top of cpu-tiny-paper: batch 128, min_keep=4
 
@@ -129,6 +130,7 @@ VARIANTS = {
     "inference": lambda: build(patch=_inference),
     "tgt-sdpa": lambda: build(patch=lambda tr: set_attention(tr.model.target_encoder, "sdpa")),
     "sdpa": lambda: build(["train.attention=sdpa"]),
+    "math": lambda: build(["train.attention=math"]),
     "foreach-adamw": lambda: build(patch=_adamw(foreach=True)),
     "loop-adamw": lambda: build(patch=_adamw(foreach=False, fused=False)),
     "ema-loop": lambda: build(patch=_ema_loop),
@@ -186,9 +188,11 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    tuned = tune_cpu_allocator()  # as `ijepa-viz train` runs (IJEPA_VIZ_MALLOC=system: glibc's defaults)
     res = run(names, args.rounds, args.steps, args.warmup)
+    res["allocator_tuned"] = tuned
     B = 128
-    print(f"threads {res['threads']}; load average per round {[round(x, 2) for x in res['load_avg_1min']]}; "
+    print(f"allocator tuned: {tuned}; threads {res['threads']}; load average per round {[round(x, 2) for x in res['load_avg_1min']]}; "
           f"graphs compiled: {res['compiled_graphs']}")
     for n in names:
         m = res["median_step_s"][n]

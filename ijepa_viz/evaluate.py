@@ -42,7 +42,7 @@ from ijepa_viz.feature_cache import (FEATURE_CACHE_ENV, _cached_extract, _featur
 from ijepa_viz.masks import MaskCollator, Masks
 from ijepa_viz.model import IJEPA, feature_std, rankme  # noqa: F401  (public here too; defined in model.py)
 from ijepa_viz.probes import LINEAR_BACKENDS, _as_tensor, knn_classifier, linear_probe  # public here too
-from ijepa_viz.train import resolve_device, resolve_precision
+from ijepa_viz.train import resolve_device, resolve_precision, tune_cpu_allocator
 
 __all__ = [
     "extract_features", "features_for", "raw_pixel_features", "linear_probe", "knn_classifier", "feature_std",
@@ -53,7 +53,9 @@ __all__ = [
 PROBES = ("linear", "knn")
 RAW_PIXEL_MAX_SIZE = 32  # the raw-pixel baseline sees images of at most 32x32 (3,072 numbers), as CIFAR
 PATCH_METRIC_IMAGES = 256  # patch-level collapse metrics use the patches of this many test images
-EVAL_BATCH_TOKENS = 32768  # feature batches hold about this many patches (512 images of 64 patches)
+EVAL_BATCH_TOKENS = 32768  # feature batches hold about this many patches (512 images of 64 patches) in bf16
+EVAL_BATCH_TOKENS_FP32 = 8192  # and in fp32, where the cpu-tiny forward ran fastest at 128 images of 64
+# patches on two AVX2 threads (benchmarks/README.md, "Evaluation time")
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -406,8 +408,8 @@ def evaluate(checkpoint: Optional[str | Path] = None, *, cfg: Optional[Config] =
     patches of 256 test images spread evenly over the test set (None for raw pixels).
 
     Each split is decoded once (small datasets, or any with a limit) and each encoder sees each image once,
-    in batches of about EVAL_BATCH_TOKENS patches: the pooled features and the 256 images' patches come from
-    the same forward pass.
+    in batches of about EVAL_BATCH_TOKENS patches (EVAL_BATCH_TOKENS_FP32 in fp32): the pooled features and
+    the 256 images' patches come from the same forward pass.
 
     Returns: {'rows': [...], 'checkpoint', 'data', 'n_train', 'n_test', 'probes', 'seed', 'raw_pixel_size',
     'seconds', 'timings'}: plain Python values, ready for `json.dumps`. 'timings' maps each phase to its
@@ -432,7 +434,11 @@ def evaluate(checkpoint: Optional[str | Path] = None, *, cfg: Optional[Config] =
     tic = time.perf_counter()
     images = {"train": _split_images(cfg, "train", limit_train), "test": _split_images(cfg, "test", limit_test)}
     timings["images"] = time.perf_counter() - tic
-    batch = max(cfg.data.batch_size, EVAL_BATCH_TOKENS // cfg.grid_size ** 2)
+    amp = resolve_precision("auto", device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    tokens = EVAL_BATCH_TOKENS if amp is not None else EVAL_BATCH_TOKENS_FP32
+    batch = max(cfg.data.batch_size, tokens // cfg.grid_size ** 2)
     stats = dataset_stats(cfg.data.name)
 
     def loader(split: str, limit: Optional[int]) -> Iterable:
@@ -445,7 +451,6 @@ def evaluate(checkpoint: Optional[str | Path] = None, *, cfg: Optional[Config] =
     keep = None if n_test is None else np.unique(np.linspace(0, n_test - 1, n_patch).round().astype(np.int64))
 
     cache_dir = None if feature_cache is None else Path(feature_cache).expanduser()
-    amp = resolve_precision("auto", device)
     digests: dict[str, str] = {}
 
     def key(encoder: nn.Module, split: str, kept) -> Optional[str]:
