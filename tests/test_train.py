@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -346,7 +347,8 @@ print(first, second, max(faults[2:]))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")
 @pytest.mark.parametrize("setting", ["", "system"])
 def test_tuned_allocator_stops_page_faults_on_reused_memory(setting):
     env = {**os.environ, "IJEPA_VIZ_MALLOC": setting}
