@@ -19,7 +19,7 @@ Variants (the first listed is the reference of the ratios):
   inference      the target forward under torch.inference_mode instead of no_grad (its output cloned)
   tgt-sdpa       fused SDPA attention in the target encoder only (it runs without gradients)
   sdpa           fused SDPA attention everywhere
-  math           explicit-matmul attention everywhere (what train.attention=auto picks for bf16 on a CPU)
+  math           explicit-matmul attention everywhere (what train.attention=auto picks on a CPU)
   foreach-adamw  AdamW(foreach=True) instead of fused=True
   loop-adamw     AdamW(foreach=False, fused=False), one parameter at a time
   ema-loop       the EMA update one parameter at a time instead of one foreach lerp
