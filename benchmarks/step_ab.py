@@ -192,7 +192,8 @@ def main(argv=None) -> int:
     res = run(names, args.rounds, args.steps, args.warmup)
     res["allocator_tuned"] = tuned
     B = 128
-    print(f"allocator tuned: {tuned}; threads {res['threads']}; load average per round {[round(x, 2) for x in res['load_avg_1min']]}; "
+    print(f"allocator tuned: {tuned}; threads {res['threads']}; "
+          f"load average per round {[round(x, 2) for x in res['load_avg_1min']]}; "
           f"graphs compiled: {res['compiled_graphs']}")
     for n in names:
         m = res["median_step_s"][n]
