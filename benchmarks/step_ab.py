@@ -46,9 +46,10 @@ import torch
 from timm.layers import Attention as TimmAttention
 from torch._dynamo.utils import counters
 
+from ijepa_viz.allocator import tune_cpu_allocator
 from ijepa_viz.config import get_preset, override
 from ijepa_viz.model import gather_tokens, set_attention
-from ijepa_viz.train import Trainer, param_groups, tune_cpu_allocator
+from ijepa_viz.train import Trainer, param_groups
 
 ISSUE_CONFIG = ["model.depth=12", "model.pred_depth=6"]  # on top of cpu-tiny-paper: batch 128, min_keep=4
 

@@ -292,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ijepa_viz.checkpoint import CheckpointError
     from ijepa_viz.data import DataError
-    from ijepa_viz.train import TrainingDiverged, tune_cpu_allocator
+    from ijepa_viz.allocator import tune_cpu_allocator
+    from ijepa_viz.train import TrainingDiverged
 
-    tune_cpu_allocator()  # freed tensor memory stays in the process: no page faults per batch (train.py)
+    tune_cpu_allocator()  # freed tensor memory stays in the process: no page faults per batch (allocator.py)
     try:
         return args.func(args) or 0
     except (UserError, ConfigError, DataError, CheckpointError, FileNotFoundError) as e:

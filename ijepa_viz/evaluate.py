@@ -37,12 +37,13 @@ from tqdm.auto import tqdm
 from ijepa_viz.checkpoint import load_model
 from ijepa_viz.config import Config
 from ijepa_viz.data import UInt8Cache, augment_batch, build_loader, dataset_stats, load_uint8
+from ijepa_viz.allocator import tune_cpu_allocator
 from ijepa_viz.feature_cache import (FEATURE_CACHE_ENV, _cached_extract, _feature_key,  # noqa: F401
                                      _images_digest, default_feature_cache)
 from ijepa_viz.masks import MaskCollator, Masks
 from ijepa_viz.model import IJEPA, feature_std, rankme  # noqa: F401  (public here too; defined in model.py)
 from ijepa_viz.probes import LINEAR_BACKENDS, _as_tensor, knn_classifier, linear_probe  # public here too
-from ijepa_viz.train import resolve_device, resolve_precision, tune_cpu_allocator
+from ijepa_viz.train import resolve_device, resolve_precision
 
 __all__ = [
     "extract_features", "features_for", "raw_pixel_features", "linear_probe", "knn_classifier", "feature_std",

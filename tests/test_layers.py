@@ -10,7 +10,8 @@ first use (`ijepa_viz`, `ijepa_viz.viz`).
 
 The layers, bottom up (`LAYERS`; a package's name covers its submodules):
 
-    0  config                                  the dataclasses and presets: knows no other module
+    0  config, allocator                       the dataclasses and presets, the CPU allocator setting:
+                                               know no other module
     1  masks, model, schedules, data           the method's parts: masks, networks, schedules, images
     2  train, evaluate, feature_cache,         what runs the method: training, evaluation, saving and
        probes, checkpoint, official,           loading weights (ours, the official ones, the shipped ones)
@@ -38,7 +39,7 @@ MAX_LINES = 600
 LONG_FILE_REASON = "stays one file because"  # the sentence a longer module's docstring must hold
 
 LAYERS = {
-    "config": 0,
+    "config": 0, "allocator": 0,
     "masks": 1, "model": 1, "schedules": 1, "data": 1,
     "train": 2, "evaluate": 2, "feature_cache": 2, "probes": 2, "checkpoint": 2, "official": 2, "pretrained": 2,
     "viz": 3, "bench": 3, "demo": 3,
