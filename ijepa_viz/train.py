@@ -97,7 +97,7 @@ def cpu_has_fast_bf16() -> bool:
     return bool((check and check()) or (amx and amx()))
 
 
-def resolve_attention(attention: str, device: torch.device, amp_dtype: torch.dtype | None) -> str:
+def resolve_attention(attention: str, device: torch.device) -> str:
     """'auto': fused SDPA except on a CPU, where PyTorch's CPU flash-attention kernel (its backward above all)
     is slower than explicit matmuls at ViT-Tiny sizes: in bf16 (1.43x for the whole step, AVX-512 bf16) and in
     fp32 (1.06-1.09x, AVX2), measured with benchmarks/step_ab.py (benchmarks/README.md)."""
@@ -236,7 +236,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, ema=t.ema).to(self.device)
-        self.attention = resolve_attention(t.attention, self.device, self.amp_dtype)
+        self.attention = resolve_attention(t.attention, self.device)
         set_attention(self.model, self.attention)
         self.collator = MaskCollator(cfg.mask, cfg.grid_size, seed=t.seed)
         if loader is None:
