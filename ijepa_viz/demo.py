@@ -67,6 +67,7 @@ def run_demo(out_dir: str | Path = "runs/demo", seconds: float = 180.0, quick: b
              progress: bool = True) -> Path:
     """Train, evaluate and write `<out_dir>/report.html`; returns its path."""
     from ijepa_viz.evaluate import evaluate
+    from ijepa_viz.feature_cache import default_feature_cache
     from ijepa_viz.train import Trainer
 
     out = Path(out_dir)
@@ -85,8 +86,11 @@ def run_demo(out_dir: str | Path = "runs/demo", seconds: float = 180.0, quick: b
     print("evaluating: linear probe of the target encoder vs the untrained encoder and raw pixels")
     tick = time.perf_counter()
     limits = dict(limit_train=128, limit_test=64) if quick else {}
+    # The untrained encoder is the same in every demo (same preset, same seed): its features are kept in the
+    # feature cache, keyed on the exact weights and images, so only the first demo on a machine extracts them.
+    cache = None if quick else default_feature_cache()
     ev = evaluate(result.checkpoint, cfg=cfg, model=result.model, probes=("linear", "knn"), progress=progress,
-                  **limits)
+                  feature_cache=cache, **limits)
     eval_s = time.perf_counter() - tick
     tick = time.perf_counter()
     figures, clusters = _figures(cfg, result, out, n_points=128 if quick else 1000)
