@@ -10,7 +10,8 @@ Cases (the issue's goals on 2 CPU cores in brackets):
                200 classes, each CIFAR class split into 20 groups by k-means on 4x4 colour thumbnails (fitted
                on that class's training images; test images join the nearest group of their own class). The
                folders hold symlinks to the CIFAR-10 files, under `--scratch` [<= 120 s];
-  demo         the built-in shapes, 10,000 train / 2,000 test at 32 px, with the checkpoint's model [<= 30 s];
+  demo         the built-in dots (what `make demo` trains on), 10,000 train / 2,000 test at 32 px, with the
+               checkpoint's model [<= 30 s];
   demo-cpu-demo  the same images with a random-init `cpu-demo` model (what `make demo` now trains).
 
 Each case runs `evaluate` end to end (decoded images are forgotten first, so decoding is timed), with its
@@ -141,16 +142,16 @@ def run_case(case: str, args) -> dict:
         what = ("200 classes (CIFAR-10 classes x 20 k-means groups of 4x4 colour thumbnails), 20,000 train / "
                 "10,000 test real CIFAR-10 images, 32 px")
     elif case == "demo":
-        cfg = override(cfg, ["data.name=shapes", "data.shapes_train_size=10000", "data.shapes_test_size=2000"])
-        what = "built-in shapes, 10,000 train / 2,000 test, 10 classes, 32 px, the checkpoint's model"
+        cfg = override(cfg, ["data.name=dots", "data.shapes_train_size=10000", "data.shapes_test_size=2000"])
+        what = "built-in dots, 10,000 train / 2,000 test, 10 classes, 32 px, the checkpoint's model"
     else:
-        cfg = override(get_preset("cpu-demo"), ["data.name=shapes", "data.shapes_train_size=10000",
+        cfg = override(get_preset("cpu-demo"), ["data.name=dots", "data.shapes_train_size=10000",
                                                 "data.shapes_test_size=2000"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1)
             model = IJEPA(cfg.model)
         checkpoint = None
-        what = "built-in shapes, 10,000 train / 2,000 test, 32 px, a random-init cpu-demo model (4 blocks, 128 wide)"
+        what = "built-in dots, 10,000 train / 2,000 test, 32 px, a random-init cpu-demo model (4 blocks, 128 wide)"
     m = cfg.model
     print(f"[{case}] {what}; model {m.depth} blocks x {m.embed_dim} wide, patch {m.patch_size}", flush=True)
 
