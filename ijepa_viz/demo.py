@@ -115,14 +115,15 @@ def run_demo(out_dir: str | Path = "runs/demo", seconds: float = 180.0, quick: b
 
 def _figures(cfg: Config, result, out: Path, n_points: int = 1000) -> tuple[dict[str, str], list[str]]:
     """The report's figures (name -> file name) and, for each PCA and t-SNE panel, the sentence that says
-    whether its classes form clusters (`verdicts.cluster_verdict`)."""
+    whether its classes form clusters (`verdicts.cluster_verdict`), then one per encoder on how many of an
+    image's nearest neighbours share its class (`verdicts.neighbour_verdict`): what a t-SNE can show."""
     from ijepa_viz.data import class_names, load_uint8
     from ijepa_viz.evaluate import _random_init
     from ijepa_viz.masks import MaskCollator
     from ijepa_viz.viz.feature_plots import plot_embedding_2d
     from ijepa_viz.viz.features import embed, pca_2d, tsne_2d
     from ijepa_viz.viz.plots import plot_loss, plot_masks
-    from ijepa_viz.viz.verdicts import cluster_verdict
+    from ijepa_viz.viz.verdicts import cluster_verdict, neighbour_purity, neighbour_verdict
 
     files = {}
     images, labels = load_uint8(cfg.data, "test", cfg.model.img_size, limit=n_points)
@@ -147,6 +148,8 @@ def _figures(cfg: Config, result, out: Path, n_points: int = 1000) -> tuple[dict
             xy = to_2d(f)  # (N, 2)
             plot_embedding_2d(axes[row, col], xy, labels, names, legend=col == 1, title=f"{name}: {method}")
             clusters.append(cluster_verdict(xy, labels, f"the {name} encoder's {method}"))
+    for name, f in feats.items():  # why a t-SNE can or cannot gather the classes: it keeps neighbourhoods
+        clusters.append(neighbour_verdict(*neighbour_purity(f, labels), f"the {name} encoder's features"))
     fig.suptitle(f"target-encoder features of {len(images)} test images, coloured by class (never seen in training)")
     files["embedding"] = _save(fig, out / "embedding.png")
     return files, clusters

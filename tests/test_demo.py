@@ -22,6 +22,7 @@ def test_demo_quick_writes_report_with_figures(tmp_path, capsys):
     assert html.escape(summary["verdict"]) in page and summary["verdict"].startswith("The trained encoder")
     assert set(summary["seconds"]) == {"train", "eval", "figures", "total"}
     assert "Time: training" in page
-    # one computed sentence per map says whether its classes form clusters
-    assert len(summary["clusters"]) == 4 and all("class silhouette" in c for c in summary["clusters"])
+    # one computed sentence per map says whether its classes form clusters, one per encoder why (neighbours)
+    assert len(summary["clusters"]) == 6 and all("class silhouette" in c for c in summary["clusters"][:4])
+    assert all("nearest neighbours share its class" in c for c in summary["clusters"][4:])
     assert all(html.escape(c) in page for c in summary["clusters"])

@@ -109,3 +109,47 @@ def test_patch_code_verdict_three_ways_and_bad_shares():
     assert "neither the position nor the image" in patch_code_verdict(0.3, 0.3, "C")
     with pytest.raises(ValueError, match="image_share=1.5"):
         patch_code_verdict(0.1, 1.5)
+
+
+def test_neighbour_purity_and_its_sentence_follow_how_far_the_classes_sit_apart():
+    import numpy as np
+
+    from ijepa_viz.viz.features import tsne_2d
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(1000) % 10
+    means = np.eye(10, 32)  # 10 Gaussian classes in 32 dims, their means `scale` apart along the axes
+    readings = {}
+    for scale in (0.0, 2.5, 4.0):
+        x = scale * means[labels] + rng.normal(size=(1000, 32))
+        purity, chance = V.neighbour_purity(x, labels)
+        readings[scale] = purity, V.cluster_score(tsne_2d(x.astype(np.float32)), labels)
+        assert chance == pytest.approx(99 / 999)  # 10 classes of 100: 10 * 100 * 99 / (1000 * 999)
+    assert readings[0.0][0] < 0.13 and readings[0.0][1] < V.GROUPED_SILHOUETTE
+    assert 0.3 < readings[2.5][0] < V.GATHERING_PURITY and readings[2.5][1] < V.GROUPED_SILHOUETTE
+    assert readings[4.0][0] >= V.GATHERING_PURITY and readings[4.0][1] > V.CLUSTERED_SILHOUETTE
+    # the sentence flips three ways
+    assert "mostly one class" in V.neighbour_verdict(readings[4.0][0], 0.1, "the far blobs")
+    assert "small same-class clumps at most" in V.neighbour_verdict(readings[2.5][0], 0.1, "the near blobs")
+    assert "no more than chance" in V.neighbour_verdict(readings[0.0][0], 0.1, "the noise")
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        V.neighbour_purity(np.zeros((10, 2)), np.zeros(10))
+    with pytest.raises(ValueError, match="purity=1.5"):
+        V.neighbour_verdict(1.5, 0.1)
+
+
+def test_neighbour_verdict_on_the_shipped_dots_model_and_its_untrained_twin():
+    """What the demo report and notebook 05 print beside their t-SNE: the trained encoder's neighbourhoods are
+    purer than chance and than the untrained encoder's, but not enough to gather whole classes."""
+    from ijepa_viz.data.dots import render_dots
+    from ijepa_viz.evaluate import _random_init
+    from ijepa_viz.pretrained import load_pretrained
+    from ijepa_viz.viz.features import embed
+
+    model, cfg = load_pretrained("dots-cpu-demo")
+    images, labels = render_dots(range(600), cfg.model.img_size, split="test")
+    trained, chance = V.neighbour_purity(embed(model, images, cfg, cache=False), labels)
+    untrained, _ = V.neighbour_purity(embed(_random_init(cfg, 0), images, cfg, cache=False), labels)
+    assert untrained < chance + 0.03 < trained < V.GATHERING_PURITY
+    assert "small same-class clumps" in V.neighbour_verdict(trained, chance, "the trained encoder's features")
+    assert "no more than chance" in V.neighbour_verdict(untrained, chance, "the untrained encoder's features")

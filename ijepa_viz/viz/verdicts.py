@@ -11,6 +11,8 @@ result does (tests/test_verdicts.py runs them on a trained and an untrained mode
 * `paired_verdict(what, a, b, name_a, name_b)`: one measure read item by item for two models (or a model and
   a baseline) on the same items -> is the first better by more than the noise of the paired difference?
 * `cluster_verdict(xy, labels, name)`: a 2-D map (t-SNE, PCA) -> do its classes form separate clusters?
+* `neighbour_purity(feats, labels)`, `neighbour_verdict(purity, chance, name)`: how many of each image's
+  nearest neighbours share its class, which is what a t-SNE can show: it keeps neighbourhoods.
 * `patch_code_verdict(position_share, image_share, name)`: what sets an encoder's patch features: their
   position, the image as a whole, or each patch's own content?
 
@@ -25,12 +27,14 @@ import math
 from typing import Mapping, Optional, Sequence
 
 __all__ = ["probe_noise", "probe_margins", "probe_verdict", "prediction_verdict", "collapse_verdict",
-           "paired_verdict", "cluster_score", "cluster_verdict", "patch_code_verdict", "COLLAPSED_RANKME",
-           "CLUSTERED_SILHOUETTE"]
+           "paired_verdict", "cluster_score", "cluster_verdict", "neighbour_purity", "neighbour_verdict",
+           "patch_code_verdict", "COLLAPSED_RANKME", "CLUSTERED_SILHOUETTE", "GATHERING_PURITY"]
 
 COLLAPSED_RANKME = 2.0  # below this effective rank the features span about one direction: collapsed
 CLUSTERED_SILHOUETTE = 0.25  # a class silhouette from here up: the classes form separate clusters in a 2-D map
 GROUPED_SILHOUETTE = 0.05  # from here up to CLUSTERED_SILHOUETTE: the classes lean together but overlap
+GATHERING_PURITY = 0.7  # neighbour purity from which a t-SNE gathered whole classes: 10 Gaussian blobs in 32
+# dims at purity 0.73 and 0.84 gave class silhouettes 0.37 and 0.51, at 0.39 and 0.56 -0.04 and 0.15
 
 
 def probe_noise(p1: float, p2: float, n_test: int, seed_spread: float = 0.0) -> float:
@@ -198,6 +202,47 @@ def cluster_verdict(xy, labels, name: str = "this map") -> str:
     if score >= GROUPED_SILHOUETTE:
         return f"In {name} images of one class lean together, but the classes overlap: no separate clusters ({scale})."
     return f"In {name} the classes do NOT form clusters: the colours are mixed ({scale})."
+
+
+def neighbour_purity(feats, labels, k: int = 10) -> tuple[float, float]:
+    """(purity, chance): the mean share of each image's k nearest neighbours (Euclidean distance between its
+    (N, D) features, itself left out) that share its class, and the same share expected when the labels are
+    shuffled, sum_c n_c (n_c - 1) / (N (N - 1)) (0.1 for 10 balanced classes). A t-SNE keeps each point's
+    near neighbours near it, so it can gather a class only where the neighbourhoods are mostly that class."""
+    import numpy as np
+    import torch
+
+    x, labels = torch.as_tensor(np.asarray(feats, dtype=np.float32)), np.asarray(labels)
+    n = len(labels)
+    if x.ndim != 2 or len(x) != n or not 1 <= k < n or len(np.unique(labels)) < 2:
+        raise ValueError(f"neighbour_purity needs (N, D) features, N labels of at least 2 classes and "
+                         f"1 <= k < N, got features {tuple(x.shape)}, {n} labels and k={k}")
+    y = torch.as_tensor(labels)
+    same = 0
+    for i in range(0, n, 1024):  # (1024, N) distances at a time
+        d = torch.cdist(x[i:i + 1024], x)  # (b, N)
+        d[torch.arange(len(d)), torch.arange(i, i + len(d))] = float("inf")  # not its own neighbour
+        idx = d.topk(k, dim=1, largest=False).indices  # (b, k)
+        same += int((y[idx] == y[i:i + 1024, None]).sum())
+    counts = np.unique(labels, return_counts=True)[1].astype(np.float64)
+    return same / (n * k), float((counts * (counts - 1)).sum() / (n * (n - 1)))
+
+
+def neighbour_verdict(purity: float, chance: float, name: str = "these features", k: int = 10) -> str:
+    """One sentence on `neighbour_purity`: do an image's nearest neighbours share its class, and so can a
+    t-SNE gather the classes? Above chance means by more than 0.03, about three standard errors of the
+    purity of 1,000 images at 10% (neighbourhoods overlap, so it is rougher than a plain mean)."""
+    for value, what in ((purity, "purity"), (chance, "chance")):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{what}={value} must be a share, in [0, 1]")
+    head = f"In {name}, {purity:.0%} of an image's {k} nearest neighbours share its class (chance {chance:.0%})"
+    if purity >= GATHERING_PURITY:
+        return f"{head}: the neighbourhoods a t-SNE keeps are mostly one class, so it can gather the classes."
+    if purity > chance + 0.03:
+        return (f"{head}: same-class images sit near each other more often than by chance, but most neighbours "
+                f"belong to other classes, so a t-SNE, which keeps neighbourhoods, can show small same-class "
+                f"clumps at most, not whole classes gathered.")
+    return f"{head}: no more than chance, so the neighbourhoods a t-SNE keeps ignore the class."
 
 
 def patch_code_verdict(position_share: float, image_share: float, name: str = "this encoder") -> str:
