@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from step_ab import VARIANTS  # this folder (python benchmarks/step_profile.py puts it on sys.path)
 
+from ijepa_viz.allocator import tune_cpu_allocator
 from ijepa_viz.schedules import schedule
 from ijepa_viz.train import Trainer
 STAGES = ["masks", "target forward", "context forward", "predictor", "loss", "backward", "optimizer", "ema"]
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.variant.startswith("compile"):
         p.error("the stages are called eagerly: profile a compiled step with torch.profiler around train_step")
+    tune_cpu_allocator()  # as `ijepa-viz train` runs (IJEPA_VIZ_MALLOC=system: glibc's defaults)
     tr, images = VARIANTS[args.variant]()
     cfg, B = tr.cfg, images.shape[0]
     if tr.threads:
