@@ -213,22 +213,16 @@ def neighbour_purity(feats, labels, k: int = 10) -> tuple[float, float]:
     shuffled, sum_c n_c (n_c - 1) / (N (N - 1)) (0.1 for 10 balanced classes). A t-SNE keeps each point's
     near neighbours near it, so it can gather a class only where the neighbourhoods are mostly that class."""
     import numpy as np
-    import torch
+    from sklearn.neighbors import NearestNeighbors
 
-    x, labels = torch.as_tensor(np.asarray(feats, dtype=np.float32)), np.asarray(labels)
+    x, labels = np.asarray(feats, dtype=np.float64), np.asarray(labels)
     n = len(labels)
     if x.ndim != 2 or len(x) != n or not 1 <= k < n or len(np.unique(labels)) < 2:
         raise ValueError(f"neighbour_purity needs (N, D) features, N labels of at least 2 classes and "
-                         f"1 <= k < N, got features {tuple(x.shape)}, {n} labels and k={k}")
-    y = torch.as_tensor(labels)
-    same = 0
-    for i in range(0, n, 1024):  # (1024, N) distances at a time
-        d = torch.cdist(x[i:i + 1024], x)  # (b, N)
-        d[torch.arange(len(d)), torch.arange(i, i + len(d))] = float("inf")  # not its own neighbour
-        idx = d.topk(k, dim=1, largest=False).indices  # (b, k)
-        same += int((y[idx] == y[i:i + 1024, None]).sum())
+                         f"1 <= k < N, got features {x.shape}, {n} labels and k={k}")
+    nearest = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(return_distance=False)  # (N, k), not itself
     counts = np.unique(labels, return_counts=True)[1].astype(np.float64)
-    return same / (n * k), float((counts * (counts - 1)).sum() / (n * (n - 1)))
+    return float((labels[nearest] == labels[:, None]).mean()), float((counts * (counts - 1)).sum() / (n * (n - 1)))
 
 
 def neighbour_verdict(purity: float, chance: float, name: str = "these features", k: int = 10) -> str:
