@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.decomposition import PCA
 
 from ijepa_viz.data.dots import render_dots
 from ijepa_viz.evaluate import _random_init
@@ -48,20 +49,13 @@ def knn_accuracy(x: np.ndarray, y: np.ndarray, k: int = 20) -> float:
     return float((pred.numpy() == y).mean())
 
 
-def whiten(x: np.ndarray, dims: int) -> np.ndarray:
-    """The first `dims` principal components of (N, D) features, each scaled to unit variance."""
-    x = x - x.mean(0)
-    _, s, vt = np.linalg.svd(x, full_matrices=False)
-    return x @ vt[:dims].T / (s[:dims] / np.sqrt(len(x)))
-
-
 def views(feats: np.ndarray, patches: np.ndarray, context: np.ndarray) -> dict[str, np.ndarray]:
     """Label-free views of one encoder's features: pooled (N, D), its patches (N, P, D), the context encoder's."""
     centred = feats - feats.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     out = {"average-pooled (the paper's)": feats, "standardised": centred / feats.std(0).clip(1e-12)}
     for dims in (16, 32, 64, feats.shape[1]):
-        out[f"PCA-whitened, {dims} dims"] = whiten(feats, dims)
+        out[f"PCA-whitened, {dims} dims"] = PCA(dims, whiten=True).fit_transform(feats)  # unit variance each
     out["top 5 principal directions removed"] = centred - centred @ vt[:5].T @ vt[:5]
     out["L2-normalised"] = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     out["max-pooled"] = patches.max(1)
