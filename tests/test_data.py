@@ -225,6 +225,17 @@ def test_dots_colour_modes(monkeypatch):
     assert signs["dot-polarity"] > 0.8 and signs["image-polarity"] == 0
 
 
+def test_dots_grey_background(monkeypatch):
+    """GREY_BACKGROUND (a design knob of benchmarks/dots_design.py, off by default): the background varies in
+    brightness only, all three channels equal, and still from image to image."""
+    monkeypatch.setattr(dots_module, "NOISE", 0.0)
+    monkeypatch.setattr(dots_module, "GREY_BACKGROUND", True)
+    images, _ = D.render_dots(range(30), 32)
+    bg = images.flatten(2).median(2).values.float()  # (N, 3): most pixels are background
+    assert (bg.max(1).values - bg.min(1).values).max() <= 1  # grey: equal channels (uint8 rounding)
+    assert bg[:, 0].std() > 20  # different images, different brightness
+
+
 # -- torchvision CIFAR-10 in its on-disk format ---------------------------------------------------------
 
 def test_cifar10_dataset_offline(tiny_cifar):

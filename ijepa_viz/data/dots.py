@@ -36,6 +36,7 @@ FIGURE_HALF_SIZE = (0.30, 0.44)  # half the figure's extent, a fraction of the i
 JITTER = 0.08  # each dot moves by up to +-JITTER/2 of the image side in x and y
 NOISE = 0.08  # per-pixel noise, +-NOISE around the background or dot colour
 BACKGROUND = (0.2, 0.8)  # each channel of the flat background colour is drawn from this range
+GREY_BACKGROUND = False  # True: one draw for all three channels, so the background varies in brightness only
 DOT_COLOUR = None  # None: a random colour per dot; "image": one random colour per image; (r, g, b): every dot
 # in that colour; "dot-polarity" / "image-polarity": CONTRAST lighter or darker than the background in every
 # channel, the sign drawn per dot / per image (the design knobs of benchmarks/dots_design.py's fourth round)
@@ -113,6 +114,8 @@ def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: in
 
     # -- the figure: K dots evenly spaced along it from a random start, then scaled, placed and jittered ------
     bg = BACKGROUND[0] + (BACKGROUND[1] - BACKGROUND[0]) * p[:, 0:3]  # (N, 3)
+    if GREY_BACKGROUND:
+        bg = bg[:, :1].expand(n, 3)
     half = FIGURE_HALF_SIZE[0] + (FIGURE_HALF_SIZE[1] - FIGURE_HALF_SIZE[0]) * p[:, 3]  # (N,)
     room = (1 - 2 * half - JITTER).clamp(min=0)  # how far the figure's centre can move and stay inside
     cx, cy = 0.5 + (p[:, 4] - 0.5) * room, 0.5 + (p[:, 5] - 0.5) * room
