@@ -90,6 +90,7 @@ SMALL_SCALE = [
     ("drop-path.1", ["model.drop_path_rate=0.1"]),
     ("pred-width192", ["model.pred_embed_dim=192"]),
     ("pred-depth6", ["model.pred_depth=6"]),
+    ("target-layers4", ["model.target_layers=4"]),  # data2vec's targets: the mean of the top 4 of the 6 blocks
 ]
 
 

@@ -40,6 +40,7 @@ class ModelConfig:
     pred_num_heads: Optional[int] = None  # predictor heads; None = the encoder's, as the official code does
     pred_mlp_ratio: Optional[float] = None  # predictor MLP ratio; None = mlp_ratio (official ViT-g: 4 vs 48/11)
     target: str = "representation"  # what to predict: 'representation' (I-JEPA) or 'pixels' (ablation)
+    target_layers: int = 1  # targets from the mean of the last K blocks' outputs (data2vec's); 1: the last (paper)
     loss: str = "smooth_l1"  # 'smooth_l1' (official code) or 'mse' (the paper's L2)
     var_weight: float = 0.0  # VICReg variance hinge added to the loss (C-JEPA, VICReg: 25); 0: off (paper)
     cov_weight: float = 0.0  # VICReg off-diagonal covariance penalty added to the loss (VICReg: 1); 0: off (paper)
@@ -288,6 +289,9 @@ def _validate(cfg: Config) -> None:
     _check(m.pred_embed_dim % 4 == 0, f"model.pred_embed_dim={m.pred_embed_dim} must be a multiple of 4")
     _check(m.target in ("representation", "pixels"),
            f"model.target={m.target!r} must be 'representation' or 'pixels'")
+    _check(1 <= m.target_layers <= m.depth,
+           f"model.target_layers={m.target_layers} must lie between 1 (the last block's output, the paper's "
+           f"target) and model.depth={m.depth}")
     _check(m.loss in ("smooth_l1", "mse"), f"model.loss={m.loss!r} must be 'smooth_l1' or 'mse'")
     _check(0 <= m.drop_path_rate < 1, f"model.drop_path_rate={m.drop_path_rate} must lie in [0, 1)")
     for key in ("var_weight", "cov_weight", "sigreg_weight"):

@@ -12,6 +12,9 @@ Notation of the paper (Assran et al., 2023, Sec. 3), with the code that computes
 * **loss** (Eq. 1):  1/M sum_i sum_{j in B_i} || s_hat_y_j - s_y_j ||_2^2            -> `IJEPA.loss`
   (the official code uses smooth-L1 averaged over elements; the paper's L2 is `loss='mse'`)
 * **EMA**: theta_bar <- m * theta_bar + (1 - m) * theta after every optimiser step   -> `IJEPA.update_target`
+* **optional multi-block targets** (not in the paper, off by default): with `target_layers` K > 1, s_y is the
+  mean of the last K blocks' outputs (each through the final norm), then layer-normed, as data2vec builds its
+  targets from the top K blocks                                                     -> `IJEPA.forward_target`
 * **optional regularisers** (not in the paper, off by default):  loss = pred + var_weight * v(Z)
   + cov_weight * c(Z) + sigreg_weight * SIGReg(Z)  (VICReg / C-JEPA and LeJEPA)    -> `IJEPA.regularisers`,
   with the equations in `vicreg_variance`, `vicreg_covariance`, `epps_pulley` and `sigreg`
@@ -419,7 +422,10 @@ class IJEPA(nn.Module):
             pix = patchify(images, self.cfg.patch_size)  # (B, N, p*p*C)
             pix = F.layer_norm(pix.float(), pix.shape[-1:], eps=1e-6)  # per-patch normalised pixels, as MAE
             return gather_tokens(pix, target_idx)
-        h = self.target_network(images)  # (B, N, D): all patches
+        if self.cfg.target_layers == 1:
+            h = self.target_network(images)  # (B, N, D): all patches
+        else:  # option, not the paper: the mean of the last K blocks' normed outputs, as data2vec averages them
+            h = torch.stack(self.target_network.intermediate_layers(images, self.cfg.target_layers)).mean(0)
         h = F.layer_norm(h.float(), h.shape[-1:])  # over the features, no learned affine
         return gather_tokens(h, target_idx)  # masking is applied to the output, not the input
 

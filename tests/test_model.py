@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ijepa_viz.config import MaskConfig, ModelConfig
+from ijepa_viz.config import Config, ConfigError, MaskConfig, ModelConfig, override
 from ijepa_viz.masks import MaskCollator, Masks
 from ijepa_viz.model import (IJEPA, Attention, Predictor, VisionTransformer, build_model, gather_tokens,
                              set_attention, sincos_pos_embed_2d)
@@ -274,6 +274,27 @@ def test_forward_target_is_layernorm_of_full_encoding_then_gather():
         for m in range(2):
             for j, n in enumerate(masks.targets[b, m].tolist()):
                 torch.testing.assert_close(got[b, m, j], normed[b, n], rtol=1e-5, atol=1e-5)
+
+
+def test_target_layers_averages_the_last_blocks_before_the_layer_norm():
+    """model.target_layers=K (an option, 1 by default: the paper's target): s_y is the layer norm of the mean of
+    the last K blocks' outputs, each through the encoder's final norm; K=1 is exactly the paper's target."""
+    torch.manual_seed(0)
+    x, masks = images(2), hand_masks(2, M=2)
+    one, three = IJEPA(tiny_cfg(depth=4)), IJEPA(tiny_cfg(depth=4, target_layers=3))
+    three.load_state_dict(one.state_dict())
+    enc = one.target_encoder
+    with torch.no_grad():
+        last = enc.intermediate_layers(x, 1)[0]
+        torch.testing.assert_close(last, enc(x))  # the last block's normed output is the plain forward
+        layers = enc.intermediate_layers(x, 3)  # blocks 2, 3 and 4 of 4
+        assert len(layers) == 3
+        mean3 = torch.stack(layers).mean(0)  # (B, N, D)
+    want = gather_tokens(F.layer_norm(mean3, mean3.shape[-1:]), masks.targets)
+    torch.testing.assert_close(three.forward_target(x, masks.targets), want)
+    assert not torch.allclose(one.forward_target(x, masks.targets), want)
+    with pytest.raises(ConfigError, match="target_layers"):
+        override(Config(), [f"model.target_layers={Config().model.depth + 1}"])
 
 
 def _patch_slice(n):
