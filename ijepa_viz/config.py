@@ -41,6 +41,8 @@ class ModelConfig:
     pred_mlp_ratio: Optional[float] = None  # predictor MLP ratio; None = mlp_ratio (official ViT-g: 4 vs 48/11)
     target: str = "representation"  # what to predict: 'representation' (I-JEPA) or 'pixels' (ablation)
     target_layers: int = 1  # targets from the mean of the last K blocks' outputs (data2vec's); 1: the last (paper)
+    target_norm: str = "layer"  # 'layer': each token over its features (paper); 'instance': first each feature
+    # over the image's tokens (data2vec's instance norm), so what every patch of an image shares leaves the targets
     loss: str = "smooth_l1"  # 'smooth_l1' (official code) or 'mse' (the paper's L2)
     var_weight: float = 0.0  # VICReg variance hinge added to the loss (C-JEPA, VICReg: 25); 0: off (paper)
     cov_weight: float = 0.0  # VICReg off-diagonal covariance penalty added to the loss (VICReg: 1); 0: off (paper)
@@ -49,6 +51,7 @@ class ModelConfig:
     sigreg_projections: int = 256  # random directions SIGReg draws each step (LeJEPA: 256)
     reg_features: str = "context"  # what the three terms see: 'context' (per-image mean of s_x) or 'predictor'
     reg_expander: int = 0  # width of VICReg's expander MLP between those features and the terms; 0: none
+    reg_dims: int = 0  # the terms see a fixed random k-dim orthonormal projection of those features; 0: all D
 
 
 @dataclass
@@ -292,6 +295,9 @@ def _validate(cfg: Config) -> None:
     _check(1 <= m.target_layers <= m.depth,
            f"model.target_layers={m.target_layers} must lie between 1 (the last block's output, the paper's "
            f"target) and model.depth={m.depth}")
+    _check(m.target_norm in ("layer", "instance"),
+           f"model.target_norm={m.target_norm!r} must be 'layer' (the paper's) or 'instance' (each feature over the "
+           f"image's tokens first, then the layer norm)")
     _check(m.loss in ("smooth_l1", "mse"), f"model.loss={m.loss!r} must be 'smooth_l1' or 'mse'")
     _check(0 <= m.drop_path_rate < 1, f"model.drop_path_rate={m.drop_path_rate} must lie in [0, 1)")
     for key in ("var_weight", "cov_weight", "sigreg_weight"):
@@ -307,6 +313,9 @@ def _validate(cfg: Config) -> None:
     _check(m.reg_expander >= 0,
            f"model.reg_expander={m.reg_expander} must be 0 (the terms see the features themselves) or the width "
            f"of the expander MLP (VICReg: 8192)")
+    _check(0 <= m.reg_dims <= m.embed_dim and not (m.reg_dims and m.reg_expander),
+           f"model.reg_dims={m.reg_dims} must be 0 (the terms see all {m.embed_dim} dims) or at most model.embed_dim, "
+           f"and cannot be combined with model.reg_expander={m.reg_expander}")
     _check(not (m.reg_features == "predictor" and m.target == "pixels"
                 and (m.var_weight or m.cov_weight or m.sigreg_weight)),
            "model.reg_features='predictor' would regularise pixel predictions when model.target='pixels'; "

@@ -401,6 +401,9 @@ class IJEPA(nn.Module):
         self.expander = None  # VICReg's expander: used by the optional regularisers only, never evaluated
         if cfg.reg_expander > 0 and (cfg.var_weight > 0 or cfg.cov_weight > 0 or cfg.sigreg_weight > 0):
             self.expander = Expander(cfg.embed_dim, cfg.reg_expander)
+        if cfg.reg_dims > 0:  # a fixed random orthonormal (D, k) basis, the same for every seed; not learned
+            q, _ = torch.linalg.qr(torch.randn(cfg.embed_dim, cfg.reg_dims, generator=torch.Generator().manual_seed(0)))
+            self.register_buffer("reg_basis", q, persistent=False)  # (D, k)
         self.pixel_head = None
         if cfg.target == "pixels":
             self.pixel_head = nn.Linear(cfg.embed_dim, cfg.patch_size ** 2 * cfg.in_chans)
@@ -426,7 +429,10 @@ class IJEPA(nn.Module):
             h = self.target_network(images)  # (B, N, D): all patches
         else:  # option, not the paper: the mean of the last K blocks' normed outputs, as data2vec averages them
             h = torch.stack(self.target_network.intermediate_layers(images, self.cfg.target_layers)).mean(0)
-        h = F.layer_norm(h.float(), h.shape[-1:])  # over the features, no learned affine
+        h = h.float()
+        if self.cfg.target_norm == "instance":  # option, not the paper: each feature over the image's N tokens,
+            h = F.instance_norm(h.transpose(1, 2)).transpose(1, 2)  # so what all patches share is taken out
+        h = F.layer_norm(h, h.shape[-1:])  # over the features, no learned affine
         return gather_tokens(h, target_idx)  # masking is applied to the output, not the input
 
     def forward_context(self, images: torch.Tensor, context_idx: torch.Tensor) -> torch.Tensor:
@@ -453,11 +459,15 @@ class IJEPA(nn.Module):
           and, through it, the context encoder.
 
         With `cfg.reg_expander` > 0 these samples go through VICReg's `Expander` first: (N, D) -> (N, width).
+        With `cfg.reg_dims` = k > 0 they are projected on a fixed random k-dim subspace: (N, D) -> (N, k), so the
+        terms ask for k spread directions, not D.
         """
         if self.cfg.reg_features == "predictor":
             feats = pred.reshape(-1, pred.shape[-1])
         else:
             feats = z.float().mean(dim=1)
+        if self.cfg.reg_dims > 0:
+            feats = feats.float() @ self.reg_basis  # (N, D) @ (D, k) -> (N, k)
         return feats if self.expander is None else self.expander(feats)
 
     def regularisers(self, z: torch.Tensor, pred: torch.Tensor) -> dict:

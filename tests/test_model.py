@@ -297,6 +297,27 @@ def test_target_layers_averages_the_last_blocks_before_the_layer_norm():
         override(Config(), [f"model.target_layers={Config().model.depth + 1}"])
 
 
+
+def test_target_norm_instance_takes_out_what_all_patches_share():
+    """model.target_norm='instance' (an option; 'layer', the paper's, by default): each feature is first
+    normalised over the image's own tokens, then each token over its features. A shift shared by every patch of an
+    image (a flat background's colour, say) leaves such targets unchanged, while it moves the paper's."""
+    torch.manual_seed(0)
+    x, masks = images(2), hand_masks(2, M=2)
+    paper, inst = IJEPA(tiny_cfg()), IJEPA(tiny_cfg(target_norm="instance"))
+    inst.load_state_dict(paper.state_dict())
+    with torch.no_grad():
+        h = paper.target_encoder(x)  # (B, N, D)
+    z = (h - h.mean(1, keepdim=True)) / torch.sqrt(h.var(1, unbiased=False, keepdim=True) + 1e-5)  # over tokens
+    want = gather_tokens(F.layer_norm(z, z.shape[-1:]), masks.targets)
+    torch.testing.assert_close(inst.forward_target(x, masks.targets), want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(paper.forward_target(x, masks.targets), want, atol=1e-3)
+    shift = torch.randn(2, 1, h.shape[-1])  # the same for every patch of an image
+    inst.target_encoder.forward = lambda images, keep=None: h + shift  # type: ignore[method-assign]
+    torch.testing.assert_close(inst.forward_target(x, masks.targets), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="target_norm"):
+        override(Config(), ["model.target_norm=batch"])
+
 def _patch_slice(n):
     r, c = divmod(n, GRID)
     return slice(r * PATCH, (r + 1) * PATCH), slice(c * PATCH, (c + 1) * PATCH)

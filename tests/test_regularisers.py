@@ -270,6 +270,27 @@ def test_var_gamma_sets_the_std_the_variance_term_asks_for():
         override(Config(), ["model.var_gamma=0"])
 
 
+
+def test_reg_dims_projects_the_features_on_a_fixed_orthonormal_basis():
+    """model.reg_dims=k: the terms see (B, D) @ (D, k), a fixed random orthonormal basis that is the same in every
+    model, is not learned and is not saved, so the paper's state dict is unchanged."""
+    x, masks = batch()
+    a, b = model_with(var_weight=1.0, cov_weight=0.04, reg_dims=4), model_with(reg_dims=4)
+    q = a.reg_basis  # (D, 4)
+    torch.testing.assert_close(q.T @ q, torch.eye(4), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q, b.reg_basis)
+    out = a(x, masks)
+    seen = out.context.float().mean(1) @ q  # (B, 4)
+    torch.testing.assert_close(out.loss_terms["var"], vicreg_variance(seen))
+    torch.testing.assert_close(out.loss_terms["cov"], vicreg_covariance(seen))
+    assert set(a.state_dict()) == set(model_with().state_dict())
+    assert not any(p is q for p in a.parameters())
+    for bad in ("model.reg_dims=-1", f"model.reg_dims={Config().model.embed_dim + 1}"):
+        with pytest.raises(ConfigError, match="reg_dims"):
+            override(Config(), [bad])
+    with pytest.raises(ConfigError, match="reg_dims"):
+        override(Config(), ["model.reg_dims=8", "model.reg_expander=16"])
+
 def test_no_expander_without_a_regulariser_or_by_default():
     assert model_with().expander is None
     assert model_with(reg_expander=24).expander is None  # no term to feed: no parameters added
