@@ -1,6 +1,7 @@
 """Tests of ijepa_viz.data: every dataset is made here, tiny, in its real on-disk format; no network."""
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import struct
@@ -235,6 +236,34 @@ def test_dots_grey_background(monkeypatch):
     assert (bg.max(1).values - bg.min(1).values).max() <= 1  # grey: equal channels (uint8 rounding)
     assert bg[:, 0].std() > 20  # different images, different brightness
 
+
+
+def test_dots_rotation_turns_each_figure_about_its_centre(monkeypatch):
+    """ROTATION (a design knob of benchmarks/dots_design.py, 0 by default): each figure turns by its own random
+    angle. A horizontal line of dots then slopes, by a different angle in different images, and the default
+    renders exactly as before."""
+    monkeypatch.setattr(dots_module, "NOISE", 0.0)
+    monkeypatch.setattr(dots_module, "DOT_COLOUR", (0.95, 0.95, 0.95))
+    monkeypatch.setattr(dots_module, "BACKGROUND", (0.2, 0.2))
+    monkeypatch.setattr(dots_module, "JITTER", 0.0)
+    plain, labels = D.render_dots(range(0, 200, 10), 32)  # every image a horizontal line (label 0)
+    assert (labels == 0).all()
+    monkeypatch.setattr(dots_module, "ROTATION", 30.0)
+    turned, _ = D.render_dots(range(0, 200, 10), 32)
+
+    def slopes(images):  # least-squares slope of the bright pixels' rows against their columns, per image
+        out = []
+        for img in images:
+            ys, xs = torch.nonzero(img[0] > 150, as_tuple=True)
+            xs, ys = xs.double() - xs.double().mean(), ys.double() - ys.double().mean()
+            out.append(float((xs * ys).sum() / (xs * xs).sum()))
+        return torch.tensor(out)
+
+    assert slopes(plain).abs().max() < 0.05  # level lines
+    s = slopes(turned)
+    assert s.abs().max() < math.tan(math.radians(30)) + 0.1 and s.abs().mean() > 0.1 and s.std() > 0.1
+    monkeypatch.setattr(dots_module, "ROTATION", 0.0)
+    assert torch.equal(D.render_dots(range(0, 200, 10), 32)[0], plain)
 
 # -- torchvision CIFAR-10 in its on-disk format ---------------------------------------------------------
 

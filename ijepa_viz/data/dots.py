@@ -43,6 +43,7 @@ DOT_COLOUR = None  # None: a random colour per dot; "image": one random colour p
 CONTRAST = 0.4
 BACKGROUND_CELLS = 0  # 0: a flat background; n: an n x n grid of cells, each with its own random colour
 CLUTTER_DOTS = 0  # extra dots, like the figure's, at uniform random places: they belong to no figure
+ROTATION = 0.0  # each figure turns by a random angle in [-ROTATION, ROTATION] degrees about its centre
 
 
 def _figure(points: Sequence[tuple[float, float]], closed: bool = False) -> list[tuple[tuple, tuple]]:
@@ -83,6 +84,7 @@ def _along(segments: list[tuple[tuple, tuple]], t: torch.Tensor) -> tuple[torch.
 # Layout of the per-image random numbers (columns of _uniform).
 _PER_IMAGE = 8  # background colour (3), figure half-size, centre (2), starting point, noise
 _PER_DOT = 6  # jitter (2), radius, colour (3)
+_ROTATION_COUNTER = 1 << 17  # the per-image rotation uses this counter
 _CLUTTER_COUNTER = 1 << 18  # clutter dots (x, y, radius, colour (3)) use counters from here on
 _CELL_COUNTER = 1 << 19  # background cell colours use counters from here on
 _NOISE_COUNTER = 1 << 20  # per-pixel noise uses counters from here on
@@ -125,6 +127,9 @@ def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: in
         rows = labels == c
         if rows.any():
             fx[rows], fy[rows] = _along(_FIGURES[name], t[rows])
+    if ROTATION:  # turn the unit figure about its centre before it is scaled and placed
+        a = torch.deg2rad(ROTATION * (2 * _uniform(keys, _ROTATION_COUNTER, 1) - 1))  # (N, 1)
+        fx, fy = fx * torch.cos(a) - fy * torch.sin(a), fx * torch.sin(a) + fy * torch.cos(a)
     x = cx[:, None] + half[:, None] * fx + (q[..., 0] - 0.5) * JITTER  # (N, K) dot centres in [0, 1]
     y = cy[:, None] + half[:, None] * fy + (q[..., 1] - 0.5) * JITTER
     radius = DOT_RADIUS[0] + (DOT_RADIUS[1] - DOT_RADIUS[0]) * q[..., 2]  # (N, K)
