@@ -15,6 +15,8 @@ Notation of the paper (Assran et al., 2023, Sec. 3), with the code that computes
 * **optional multi-block targets** (not in the paper, off by default): with `target_layers` K > 1, s_y is the
   mean of the last K blocks' outputs (each through the final norm), then layer-normed, as data2vec builds its
   targets from the top K blocks                                                     -> `IJEPA.forward_target`
+* **optional instance-normed targets** (not in the paper, off by default): with `target_norm='instance'`, each
+  feature of s_y is first normalised over the image's N tokens, as data2vec does    -> `IJEPA.forward_target`
 * **optional regularisers** (not in the paper, off by default):  loss = pred + var_weight * v(Z)
   + cov_weight * c(Z) + sigreg_weight * SIGReg(Z)  (VICReg / C-JEPA and LeJEPA)    -> `IJEPA.regularisers`,
   with the equations in `vicreg_variance`, `vicreg_covariance`, `epps_pulley` and `sigreg`

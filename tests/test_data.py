@@ -237,7 +237,6 @@ def test_dots_grey_background(monkeypatch):
     assert bg[:, 0].std() > 20  # different images, different brightness
 
 
-
 def test_dots_rotation_turns_each_figure_about_its_centre(monkeypatch):
     """ROTATION (a design knob of benchmarks/dots_design.py, 0 by default): each figure turns by its own random
     angle. A horizontal line of dots then slopes, by a different angle in different images, and the default
@@ -264,6 +263,7 @@ def test_dots_rotation_turns_each_figure_about_its_centre(monkeypatch):
     assert s.abs().max() < math.tan(math.radians(30)) + 0.1 and s.abs().mean() > 0.1 and s.std() > 0.1
     monkeypatch.setattr(dots_module, "ROTATION", 0.0)
     assert torch.equal(D.render_dots(range(0, 200, 10), 32)[0], plain)
+
 
 # -- torchvision CIFAR-10 in its on-disk format ---------------------------------------------------------
 

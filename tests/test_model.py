@@ -297,7 +297,6 @@ def test_target_layers_averages_the_last_blocks_before_the_layer_norm():
         override(Config(), [f"model.target_layers={Config().model.depth + 1}"])
 
 
-
 def test_target_norm_instance_takes_out_what_all_patches_share():
     """model.target_norm='instance' (an option; 'layer', the paper's, by default): each feature is first
     normalised over the image's own tokens, then each token over its features. A shift shared by every patch of an
@@ -317,6 +316,7 @@ def test_target_norm_instance_takes_out_what_all_patches_share():
     torch.testing.assert_close(inst.forward_target(x, masks.targets), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="target_norm"):
         override(Config(), ["model.target_norm=batch"])
+
 
 def _patch_slice(n):
     r, c = divmod(n, GRID)

@@ -270,7 +270,6 @@ def test_var_gamma_sets_the_std_the_variance_term_asks_for():
         override(Config(), ["model.var_gamma=0"])
 
 
-
 def test_reg_dims_projects_the_features_on_a_fixed_orthonormal_basis():
     """model.reg_dims=k: the terms see (B, D) @ (D, k), a fixed random orthonormal basis that is the same in every
     model, is not learned and is not saved, so the paper's state dict is unchanged."""
@@ -290,6 +289,7 @@ def test_reg_dims_projects_the_features_on_a_fixed_orthonormal_basis():
             override(Config(), [bad])
     with pytest.raises(ConfigError, match="reg_dims"):
         override(Config(), ["model.reg_dims=8", "model.reg_expander=16"])
+
 
 def test_no_expander_without_a_regulariser_or_by_default():
     assert model_with().expander is None
