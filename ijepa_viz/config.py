@@ -97,6 +97,9 @@ class OptimConfig:
     clip_grad: Optional[float] = None  # max gradient norm; None disables clipping (official: none)
     ema_warmup_epochs: float = 0.0  # ramp the EMA momentum up from ema_warmup_start over these epochs; 0: off (paper)
     ema_warmup_start: float = 0.9  # EMA momentum at step 0 when ema_warmup_epochs > 0 (a faster-moving target)
+    # Fade the optional regularisers out (not in the paper): (a, b) fractions of the run; their weights are full
+    # until a, fall linearly to 0 at b and stay 0 after. None: constant weights. Does nothing without a regulariser.
+    reg_fade: Optional[Tuple[float, float]] = None
 
 
 @dataclass
@@ -348,6 +351,9 @@ def _validate(cfg: Config) -> None:
     _check(o.clip_grad is None or o.clip_grad > 0, f"optim.clip_grad={o.clip_grad} must be positive or none")
     _check(0 <= o.ema_warmup_epochs < float("inf"),
            f"optim.ema_warmup_epochs={o.ema_warmup_epochs} must be a finite number of epochs >= 0 (0: no EMA warmup)")
+    _check(o.reg_fade is None or (len(o.reg_fade) == 2 and 0 <= o.reg_fade[0] <= o.reg_fade[1] <= 1),
+           f"optim.reg_fade={o.reg_fade} must be two fractions of the run 0 <= a <= b <= 1 (the regularisers' "
+           f"weights fall from full at a to 0 at b), e.g. [0.3,0.6]; or none to keep them constant")
     _check(o.ema_warmup_epochs == 0 or 0 <= o.ema_warmup_start <= o.ema_start,
            f"optim.ema_warmup_start={o.ema_warmup_start} must lie in [0, optim.ema_start={o.ema_start}] so that the "
            f"momentum ramps up; lower it (e.g. 0.9) or set optim.ema_warmup_epochs=0")

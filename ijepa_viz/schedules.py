@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-__all__ = ["schedule"]
+__all__ = ["schedule", "reg_scale"]
 
 
 def schedule(step: int, total: int, warmup: int, o, steps_per_epoch: Optional[int] = None
@@ -49,3 +49,19 @@ def schedule(step: int, total: int, warmup: int, o, steps_per_epoch: Optional[in
             m_w = o.ema_start + (o.ema_end - o.ema_start) * min(w / max(1, total), 1.0)
             momentum = o.ema_warmup_start + (m_w - o.ema_warmup_start) * step / w
     return lr, wd, momentum
+
+
+def reg_scale(step: int, total: int, o) -> float:
+    """The factor on the optional regularisers' weights at `step` of `total` (`optim.reg_fade`; not in the paper).
+
+    With reg_fade = (a, b), fractions of the run: 1 until step a * total, then linear down to 0 at b * total,
+    and 0 after (a = b: a cut). None: always 1. The terms keep the features from collapsing early; fading them
+    lets the prediction loss alone shape the features for the rest of the run.
+    """
+    fade = getattr(o, "reg_fade", None)
+    if fade is None:
+        return 1.0
+    q, (a, b) = step / max(1, total), fade
+    if q < a:
+        return 1.0
+    return 0.0 if q >= b else 1.0 - (q - a) / (b - a)

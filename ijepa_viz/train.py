@@ -46,7 +46,7 @@ from ijepa_viz.checkpoint import load_model  # noqa: F401  (public here too: `ij
 from ijepa_viz.config import Config, ConfigError, save_yaml
 from ijepa_viz.masks import MaskCollator
 from ijepa_viz.model import IJEPA, build_model, feature_std, rankme, set_attention
-from ijepa_viz.schedules import schedule  # noqa: F401  (public here too: `ijepa_viz.train.schedule`)
+from ijepa_viz.schedules import reg_scale, schedule  # noqa: F401  (schedule is public here too)
 
 clock = time.monotonic  # the wall clock of `train.checkpoint_minutes` (tests replace it)
 PROBE_IMAGES = 256  # collapse checks encode at most this many images of the first training batch
@@ -466,6 +466,9 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             out = self.net(images, masks)
+        scale = reg_scale(self.step, self.total_steps, self.cfg.optim)  # optim.reg_fade; 1: untouched
+        if scale != 1.0 and len(out.loss_terms) > 1:  # loss = pred + scale * (sum of weighted terms)
+            out.loss = out.loss_terms["pred"] + scale * (out.loss - out.loss_terms["pred"])
         loss = out.loss.item()
         if not math.isfinite(loss):
             raise TrainingDiverged(

@@ -265,6 +265,22 @@ def test_dots_rotation_turns_each_figure_about_its_centre(monkeypatch):
     assert torch.equal(D.render_dots(range(0, 200, 10), 32)[0], plain)
 
 
+def test_every_dots_figure_renders_its_own_dots(monkeypatch):
+    """The figures beyond DOTS_CLASSES (for design runs with more classes) draw as the ten do: every class
+    name in the figure table renders, labels follow the chosen tuple, and no two figures give the same image."""
+    names = tuple(dots_module._FIGURES)
+    assert set(D.DOTS_CLASSES) < set(names)
+    monkeypatch.setattr(dots_module, "NOISE", 0.0)
+    monkeypatch.setattr(dots_module, "DOT_COLOUR", (0.95, 0.95, 0.95))
+    monkeypatch.setattr(dots_module, "BACKGROUND", (0.2, 0.2))
+    monkeypatch.setattr(dots_module, "DOTS_CLASSES", names)
+    images, labels = D.render_dots(range(len(names)), 32)
+    assert labels.tolist() == list(range(len(names)))
+    lit = (images[:, 0] > 150).flatten(1)  # (N, H*W) the dots' pixels
+    assert (lit.sum(1) > 10).all()  # every figure draws its dots
+    assert len({tuple(row.tolist()) for row in lit}) == len(names)  # and they differ
+
+
 # -- torchvision CIFAR-10 in its on-disk format ---------------------------------------------------------
 
 def test_cifar10_dataset_offline(tiny_cifar):

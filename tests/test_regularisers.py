@@ -15,7 +15,10 @@ from ijepa_viz.config import Config, ConfigError, ModelConfig, OptimConfig, PRES
 from ijepa_viz.masks import Masks
 from ijepa_viz.model import (IJEPA, SIGREG_KNOTS, SIGREG_T_MAX, epps_pulley, sigreg, vicreg_covariance,
                              vicreg_variance)
-from ijepa_viz.train import schedule
+from ijepa_viz.schedules import reg_scale
+from ijepa_viz.train import Trainer, schedule
+
+from tiny import tiny_config
 
 torch.set_num_threads(1)
 
@@ -316,12 +319,12 @@ def test_regularised_forward_under_bf16_autocast_is_finite():
 def test_every_preset_keeps_the_recipe_options_off(name):
     cfg = get_preset(name)
     m, o = cfg.model, cfg.optim
-    assert (m.var_weight, m.cov_weight, m.sigreg_weight, o.ema_warmup_epochs) == (0, 0, 0, 0)
+    assert (m.var_weight, m.cov_weight, m.sigreg_weight, o.ema_warmup_epochs, o.reg_fade) == (0, 0, 0, 0, None)
 
 
 def test_cpu_demo_turns_on_only_the_variance_covariance_terms():
     m, o = get_preset("cpu-demo").model, get_preset("cpu-demo").optim
-    assert (m.var_weight, m.cov_weight, m.sigreg_weight, o.ema_warmup_epochs) == (1.0, 0.04, 0, 0)
+    assert (m.var_weight, m.cov_weight, m.sigreg_weight, o.ema_warmup_epochs, o.reg_fade) == (1.0, 0.04, 0, 0, None)
     assert m.reg_features == "context" and (o.ema_start, o.ema_end) == (0.99, 0.999)
 
 
@@ -333,6 +336,8 @@ def test_cpu_demo_turns_on_only_the_variance_covariance_terms():
     ("model.reg_features=tokens", "model.reg_features"),
     ("optim.ema_warmup_epochs=-0.5", "optim.ema_warmup_epochs"),
     ("optim.ema_warmup_epochs=nan", "optim.ema_warmup_epochs"),
+    ("optim.reg_fade=[0.6,0.3]", "optim.reg_fade"),
+    ("optim.reg_fade=[0.2,1.5]", "optim.reg_fade"),
 ])
 def test_bad_recipe_values_name_the_field(assignment, field):
     with pytest.raises(ConfigError) as e:
@@ -395,3 +400,32 @@ def test_ema_warmup_needs_steps_per_epoch_and_accepts_plain_namespaces():
     legacy = SimpleNamespace(**{k: v for k, v in vars(OptimConfig()).items()
                                 if not k.startswith("ema_warmup")})  # an optim section from before the option
     assert schedule(5, 100, 10, legacy) == schedule(5, 100, 10, OptimConfig())
+
+
+# -- fading the regularisers out (optim.reg_fade) -------------------------------------------------------------
+
+def test_reg_fade_follows_its_formula():
+    assert all(reg_scale(s, 100, OptimConfig()) == 1.0 for s in (0, 50, 100))  # None: constant weights
+    o = OptimConfig(reg_fade=(0.2, 0.6))
+    assert [reg_scale(s, 100, o) for s in (0, 19, 20, 30, 40, 50, 60, 99)] == pytest.approx(
+        [1, 1, 1, 0.75, 0.5, 0.25, 0, 0])
+    cut = OptimConfig(reg_fade=(0.5, 0.5))  # a = b: full weight, then none
+    assert [reg_scale(s, 10, cut) for s in (4, 5, 9)] == [1.0, 0.0, 0.0]
+    legacy = SimpleNamespace(**{k: v for k, v in vars(OptimConfig()).items() if k != "reg_fade"})
+    assert reg_scale(3, 10, legacy) == 1.0  # an optim section from before the option
+
+
+def test_trainer_scales_only_the_regularisers(tmp_path):
+    terms = ["model.var_weight=1.0", "model.cov_weight=0.5", "train.collapse_every=0"]
+    t = Trainer(tiny_config(tmp_path / "a", "train.steps=4", "optim.reg_fade=[0.25,0.75]", *terms),
+                progress=False)
+    images = next(iter(t._iter_epoch(0)))[0]
+    losses = []
+    for _ in range(4):  # scales 1, 1, 0.5, 0 at steps 0-3 of 4
+        m = t.train_step(images)
+        parts = m["out"].loss_terms
+        weighted = 1.0 * parts["var"] + 0.5 * parts["cov"]
+        losses.append((m["loss"], parts["pred"].item(), weighted.item()))
+    for (loss, pred, reg), scale in zip(losses, (1, 1, 0.5, 0)):
+        assert loss == pytest.approx(pred + scale * reg, rel=1e-5, abs=1e-6)
+    assert losses[3][2] > 0  # the terms are still measured (and logged) at scale 0

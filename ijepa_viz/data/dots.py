@@ -65,6 +65,13 @@ _FIGURES = {
     "square": _figure([(-1, -1), (1, -1), (1, 1), (-1, 1)], closed=True),
     "triangle": _figure([(0, -1), (1, 0.8), (-1, 0.8)], closed=True),
     "corner": _figure([(-1, -1), (-1, 1), (1, 1)]),
+    # Not in DOTS_CLASSES: more figures for design runs (benchmarks/dots_design.py --dots "DOTS_CLASSES=(...)")
+    "arc": _figure(_CIRCLE[:25]),
+    "zigzag": _figure([(-1, 1), (-0.5, -1), (0, 1), (0.5, -1), (1, 1)]),
+    "tee": _figure([(-1, -1), (1, -1)]) + _figure([(0, -1), (0, 1)]),
+    "vee": _figure([(-1, -1), (0, 1), (1, -1)]),
+    "diamond": _figure([(0, -1), (1, 0), (0, 1), (-1, 0)], closed=True),
+    "equals": _figure([(-1, -0.5), (1, -0.5)]) + _figure([(-1, 0.5), (1, 0.5)]),
 }
 
 
