@@ -6,7 +6,8 @@ One file per concern, read in this order (each imports only files above it):
    of the class's shape in random colours, poses and positions on a textured background, rendered by
    vectorised signed-distance tests at any resolution (a linear probe on its raw pixels is near chance).
    `dots` - ``DotsDataset``, the built-in dataset the demo learns: 10 figures (lines, circle, plus, square, ...)
-   drawn with identical-looking dots in random colours, so that only their arrangement says the class.
+   drawn with 8 identical-looking dots, turned, lighter or darker than a grey background, so that only their
+   arrangement says the class.
 2. `catalog` - per-dataset facts: class names and normalisation statistics (``dataset_stats``), and
    ``DataError``.
 3. `transforms` - ``build_transform``: the official I-JEPA augmentation (RandomResizedCrop, optional flip,

@@ -1,18 +1,25 @@
 """The built-in offline dataset 'dots': figures drawn with dots, where the class is the arrangement alone.
 
 10 classes (`DOTS_CLASSES`): a horizontal line, a vertical line, the two diagonals, a circle, a plus, an x, a
-square, a triangle and a corner. Each image draws its class's figure with `DOTS_PER_FIGURE` round dots, evenly
-spaced along the figure from a random starting point, each dot jittered, with its own random colour and size,
-on a flat background with per-pixel noise; the whole figure has a random size and position.
+square, a triangle and a corner. Each image draws its class's figure with `DOTS_PER_FIGURE` = 8 round dots on a
+flat grey background, evenly spaced along the figure from a random starting point and each slightly jittered;
+the whole figure turns by up to +-20 degrees and has a random size and position. All dots of an image are
+either lighter or darker than the background (`DOT_COLOUR = "image-polarity"`), the sign drawn per image.
 
 Why this data teaches I-JEPA (numbers in the README's demo table, measured, not assumed):
-* A dot looks the same in every class, so no patch says the class on its own. Colour, size and noise are drawn
-  afresh for every dot and pixel, so a context block says nothing about them in a target block. What a context
-  block does say about a target block is where the figure goes next: whether the dots continue into it, and
-  along which direction. That is exactly the class.
-* An untrained ViT's average-pooled features are close to a bag of per-patch features; a bag of identical dots
-  hardly depends on how they are arranged, so the untrained encoder stays low. Raw pixels fail too: the
-  figure moves and scales from image to image.
+* A dot looks the same in every class, so no patch says the class on its own. What a context block does say
+  about a target block is where the figure goes next: whether the dots continue into it, and along which
+  direction. That is exactly the class, and it is almost all a context block can predict: the dots' colour
+  follows from one sign per image, and nothing else varies from image to image.
+* Raw pixels fail: a dark and a light figure of one class are opposite images, so no linear map of the pixels
+  reads the class (and the figure moves, turns and scales besides).
+* An untrained ViT's average-pooled features are close to a bag of per-patch features, and a bag of identical
+  dots says little about their arrangement; so the untrained encoder stays far below a trained one, whose
+  features gather each class (once per sign) where the untrained one's do not.
+
+Earlier designs (a random colour per dot, a random background colour, per-pixel noise: still knobs below, for
+benchmarks/dots_design.py) kept the untrained encoder low too, but their per-image colours filled the trained
+features, and no class clusters formed (benchmarks/README.md, "A demo that learns" to "Eighth round").
 
 Every image is a pure function of (seed, split, index), rendered at any resolution; the label of image i is
 i % 10. This file shares only the counter-based hash of `shapes` (`_image_keys`, `_uniform`).
@@ -30,20 +37,21 @@ from ijepa_viz.data.shapes import _SPLIT_IDS, RenderedDataset, _image_keys, _uni
 __all__ = ["DOTS_CLASSES", "DOTS_PER_FIGURE", "render_dots", "DotsDataset"]
 
 DOTS_CLASSES = ("hline", "vline", "diagonal", "antidiagonal", "circle", "plus", "x", "square", "triangle", "corner")
-DOTS_PER_FIGURE = 16  # dots per image, the same in every class (so the amount of "dot" says nothing)
+DOTS_PER_FIGURE = 8  # dots per image, the same in every class (so the amount of "dot" says nothing)
 DOT_RADIUS = (0.035, 0.05)  # dot radius, a fraction of the image side (1.1-1.6 px at 32 px)
 FIGURE_HALF_SIZE = (0.30, 0.44)  # half the figure's extent, a fraction of the image side
-JITTER = 0.08  # each dot moves by up to +-JITTER/2 of the image side in x and y
-NOISE = 0.08  # per-pixel noise, +-NOISE around the background or dot colour
-BACKGROUND = (0.2, 0.8)  # each channel of the flat background colour is drawn from this range
+JITTER = 0.02  # each dot moves by up to +-JITTER/2 of the image side in x and y
+NOISE = 0.0  # per-pixel noise, +-NOISE around the background or dot colour
+BACKGROUND = (0.5, 0.5)  # each channel of the flat background colour is drawn from this range (fixed grey)
 GREY_BACKGROUND = False  # True: one draw for all three channels, so the background varies in brightness only
-DOT_COLOUR = None  # None: a random colour per dot; "image": one random colour per image; (r, g, b): every dot
-# in that colour; "dot-polarity" / "image-polarity": CONTRAST lighter or darker than the background in every
-# channel, the sign drawn per dot / per image (the design knobs of benchmarks/dots_design.py's fourth round)
+# DOT_COLOUR: None: a random colour per dot; "image": one random colour per image; (r, g, b): every dot in that
+# colour; "dot-polarity" / "image-polarity": CONTRAST lighter or darker than the background in every channel,
+# the sign drawn per dot / per image (the design knobs of benchmarks/dots_design.py's fourth round)
+DOT_COLOUR = "image-polarity"
 CONTRAST = 0.4
 BACKGROUND_CELLS = 0  # 0: a flat background; n: an n x n grid of cells, each with its own random colour
 CLUTTER_DOTS = 0  # extra dots, like the figure's, at uniform random places: they belong to no figure
-ROTATION = 0.0  # each figure turns by a random angle in [-ROTATION, ROTATION] degrees about its centre
+ROTATION = 20.0  # each figure turns by a random angle in [-ROTATION, ROTATION] degrees about its centre
 
 
 def _figure(points: Sequence[tuple[float, float]], closed: bool = False) -> list[tuple[tuple, tuple]]:
@@ -179,8 +187,9 @@ def render_dots(indices: Sequence[int] | np.ndarray | torch.Tensor, img_size: in
         img = torch.lerp(img, colour[:, j, :, None, None], alpha)
 
     # -- per-pixel noise, then quantise ----------------------------------------------------------------
-    noise = _uniform(keys, _NOISE_COUNTER, img_size * img_size).reshape(n, 1, img_size, img_size) - 0.5
-    img = img + noise * (2 * NOISE)
+    if NOISE:
+        noise = _uniform(keys, _NOISE_COUNTER, img_size * img_size).reshape(n, 1, img_size, img_size) - 0.5
+        img = img + noise * (2 * NOISE)
     return (img.clamp_(0, 1) * 255 + 0.5).to(torch.uint8), labels
 
 
