@@ -142,7 +142,8 @@ def test_neighbour_purity_and_its_sentence_follow_how_far_the_classes_sit_apart(
 
 def test_neighbour_verdict_on_the_shipped_dots_model_and_its_untrained_twin():
     """What the demo report and notebook 05 print beside their t-SNE: the trained encoder's neighbourhoods are
-    purer than chance and than the untrained encoder's, but not enough to gather whole classes."""
+    about half its own class, enough for a t-SNE to gather the classes in part; the untrained encoder's are
+    barely above chance."""
     from ijepa_viz.data.dots import render_dots
     from ijepa_viz.evaluate import _random_init
     from ijepa_viz.pretrained import load_pretrained
@@ -152,6 +153,8 @@ def test_neighbour_verdict_on_the_shipped_dots_model_and_its_untrained_twin():
     images, labels = render_dots(range(600), cfg.model.img_size, split="test")
     trained, chance = V.neighbour_purity(embed(model, images, cfg, cache=False), labels)
     untrained, _ = V.neighbour_purity(embed(_random_init(cfg, 0), images, cfg, cache=False), labels)
-    assert untrained < chance + 0.03 < trained < V.MIXED_PURITY
-    assert "small same-class clumps" in V.neighbour_verdict(trained, chance, "the trained encoder's features")
-    assert "no more than chance" in V.neighbour_verdict(untrained, chance, "the untrained encoder's features")
+    # measured on the shipped weights (1,600 steps on the turned dots): 0.47 trained, 0.15 untrained, chance 0.10
+    assert chance < untrained < chance + 0.1 and V.MIXED_PURITY < trained < V.GATHERING_PURITY
+    assert "may gather the classes in part" in V.neighbour_verdict(trained, chance, "the trained encoder's features")
+    assert "small same-class clumps at most" in V.neighbour_verdict(untrained, chance,
+                                                                    "the untrained encoder's features")
