@@ -98,6 +98,28 @@ def test_cluster_score_high_for_separate_classes_near_zero_for_mixed_or_clumped(
     leaning = centres[labels] * 0.2 + rng.normal(size=(200, 2))  # the classes overlap, but lean apart
     assert 0.05 <= V.cluster_score(leaning, labels) < 0.25
     assert "lean together" in V.cluster_verdict(leaning, labels)
+    # pure clumps: no cluster per class, but same-class groups, and the sentence says so, with the share
+    assert "gather in groups" in V.cluster_verdict(clumps, labels) and "not one cluster" in V.cluster_verdict(
+        clumps, labels)
+
+
+def test_cluster_verdict_sees_classes_that_gather_in_two_groups():
+    """Each class in two groups of 50 on opposite sides of the map (as the dots' light and dark figures): the
+    silhouette says about 0, the map's neighbour purity says the classes gather, and so does the sentence;
+    shuffle the labels and it says they are mixed."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 100)
+    side = np.tile(np.repeat([0, 1], 50), 4)  # the first 50 of each class on one side, the rest on the other
+    centres = np.stack([np.arange(4) * 5.0, np.zeros(4)], 1)  # (4, 2) group centres along a line
+    xy = centres[labels] + rng.normal(size=(400, 2))
+    xy[:, 0] += side * 30.0  # the second group of every class far to the right
+    assert V.cluster_score(xy, labels) < V.GROUPED_SILHOUETTE
+    text = V.cluster_verdict(xy, labels, "the trained t-SNE")
+    assert "gather in groups" in text and "not one cluster per class" in text, text
+    shuffled = rng.permutation(labels)
+    assert "do NOT form clusters" in V.cluster_verdict(xy, shuffled, "the untrained t-SNE")
 
 
 def test_patch_code_verdict_three_ways_and_bad_shares():

@@ -10,7 +10,8 @@ result does (tests/test_verdicts.py runs them on a trained and an untrained mode
 * `collapse_verdict(rankme, dim)`: a RankMe reading -> healthy, low or collapsed.
 * `paired_verdict(what, a, b, name_a, name_b)`: one measure read item by item for two models (or a model and
   a baseline) on the same items -> is the first better by more than the noise of the paired difference?
-* `cluster_verdict(xy, labels, name)`: a 2-D map (t-SNE, PCA) -> do its classes form separate clusters?
+* `cluster_verdict(xy, labels, name)`: a 2-D map (t-SNE, PCA) -> do its classes form separate clusters, or
+  at least groups?
 * `neighbour_purity(feats, labels)`, `neighbour_verdict(purity, chance, name)`: how many of each image's
   nearest neighbours share its class, which is what a t-SNE can show: it keeps neighbourhoods.
 * `patch_code_verdict(position_share, image_share, name)`: what sets an encoder's patch features: their
@@ -38,6 +39,7 @@ GROUPED_SILHOUETTE = 0.05  # from here up to CLUSTERED_SILHOUETTE: the classes l
 # 0.05); in between, it depended on the dimension (0.17-0.44).
 GATHERING_PURITY = 0.7
 MIXED_PURITY = 0.4
+MAP_NEIGHBOURS = 20  # the neighbours `cluster_verdict` counts on a 2-D map
 
 
 def probe_noise(p1: float, p2: float, n_test: int, seed_spread: float = 0.0) -> float:
@@ -195,16 +197,29 @@ def cluster_score(xy, labels) -> float:
 
 
 def cluster_verdict(xy, labels, name: str = "this map") -> str:
-    """One sentence on a 2-D map of features coloured by class: separate clusters, a lean, or none, from its
-    class silhouette (`cluster_score`). E.g. "In the trained encoder's t-SNE the classes do NOT form clusters:
-    the colours are mixed (class silhouette -0.09; 0.25 or more means separate clusters, about 0 none)."."""
+    """One sentence on a 2-D map of features coloured by class: separate clusters, a lean, groups, or none.
+
+    First the class silhouette (`cluster_score`): 0.25 or more, separate clusters; 0.05 or more, a lean. A
+    silhouette asks each class to gather in ONE place, so a class that gathers in two groups (the dots' light
+    and dark figures, say) scores about 0 however clean the groups are. So below 0.05 the map's own neighbour
+    purity decides (`neighbour_purity` of the 2-D points, k = MAP_NEIGHBOURS = 20): when at least MIXED_PURITY
+    of each point's 20 nearest points on the map share its class, the classes gather in groups, some in more
+    than one (or in many small clumps: the sentence gives the share, and says there is no cluster per class).
+    E.g. "In the trained encoder's t-SNE the classes do NOT form clusters: the colours are mixed (class
+    silhouette -0.09, 14% of each point's 20 nearest points on the map share its class, chance 10%; ...)."."""
     score = cluster_score(xy, labels)
-    scale = f"class silhouette {score:.2f}; {CLUSTERED_SILHOUETTE:g} or more means separate clusters, about 0 none"
+    purity, chance = neighbour_purity(xy, labels, k=MAP_NEIGHBOURS)
+    scale = (f"class silhouette {score:.2f}; {CLUSTERED_SILHOUETTE:g} or more means separate clusters, "
+             f"about 0 none")
+    local = f"{purity:.0%} of each point's {MAP_NEIGHBOURS} nearest points on the map share its class, chance {chance:.0%}"
     if score >= CLUSTERED_SILHOUETTE:
         return f"In {name} the classes form separate clusters ({scale})."
     if score >= GROUPED_SILHOUETTE:
         return f"In {name} images of one class lean together, but the classes overlap: no separate clusters ({scale})."
-    return f"In {name} the classes do NOT form clusters: the colours are mixed ({scale})."
+    if purity >= MIXED_PURITY:
+        return (f"In {name} images of one class gather in groups ({local}), but not one cluster per class: a class "
+                f"can form more than one group, and groups can touch ({scale}).")
+    return f"In {name} the classes do NOT form clusters: the colours are mixed ({scale}; {local})."
 
 
 def neighbour_purity(feats, labels, k: int = 10) -> tuple[float, float]:
