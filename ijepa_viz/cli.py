@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "evaluates it against the untrained encoder and raw pixels, and writes "
                                    "report.html with figures, a computed verdict and the time of each phase.")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where to write the run and report")
-    p.add_argument("--seconds", type=float, default=180.0, help="training time budget (default 180)")
+    p.add_argument("--seconds", type=float, default=180.0,
+                   help="most training time: the demo runs 800 steps, fewer if they do not fit (default 180)")
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps (for tests)")
     p.set_defaults(func=cmd_demo)
 

@@ -1,6 +1,7 @@
 """`ijepa-viz demo` / `make demo`: the main job, offline, in at most five minutes on a 2-core laptop CPU.
 
-It trains the `cpu-demo` preset on the built-in `dots` dataset for a time budget, evaluates the
+It trains the `cpu-demo` preset on the built-in `dots` dataset for `DEMO_STEPS` steps (fewer where they do not
+fit the time budget), evaluates the
 average-pooled target encoder with a linear probe and kNN against a randomly initialised encoder of the same
 architecture and raw pixels, and writes `report.html` with PNG figures: sampled masks, the loss curve, PCA and
 t-SNE of the trained and the untrained encoder's features side by side, and the probe accuracies, with a

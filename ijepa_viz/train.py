@@ -13,16 +13,15 @@ Use it from Python or a notebook:
     trainer = Trainer(get_preset("cpu-tiny"), callbacks=[MyPlot()])
     result = trainer.fit()          # trainer.stop() from a callback or a button ends it with a checkpoint
 
-Everything a step draws at random is derived from the seed and the step (masks), or the seed and the epoch (data
-order and augmentation), and the checkpoint holds the RNG state for the rest (stochastic depth), so a resumed run
-reproduces the losses of an uninterrupted one exactly on CPU. Checkpoints are written every
-`train.checkpoint_every` steps and also every `train.checkpoint_minutes` of wall time, so a slow run killed early
-keeps its progress.
+Everything a step draws at random comes from the seed and the step (masks) or epoch (data order, augmentation),
+and the checkpoint holds the RNG state for the rest (stochastic depth), so a resumed run reproduces the losses of
+an uninterrupted one exactly on CPU. Checkpoints are written every `train.checkpoint_every` steps and every
+`train.checkpoint_minutes` of wall time, so a slow run killed early keeps its progress.
 
 No silent collapse: every `train.collapse_every` steps the trainer encodes a fixed batch (the first training
 batch) with the target encoder and logs the RankMe and std of its average-pooled features ('probe_rankme',
-'probe_std' in metrics.jsonl and the progress bar). When they say collapse it warns once (`CollapseWarning`), and
-with `train.stop_on_collapse` it stops with a checkpoint (`TrainResult.stop_reason`).
+'probe_std' in metrics.jsonl and the progress bar). On collapse it warns once (`CollapseWarning`), and with
+`train.stop_on_collapse` it stops with a checkpoint (`TrainResult.stop_reason`).
 """
 from __future__ import annotations
 
@@ -226,8 +225,8 @@ class Trainer:
         self.stop_reason: Optional[str] = None
         self._collapse_warned = False
         # the latest collapse check (saved in checkpoints, so a resumed run logs what an uninterrupted one does)
-        self.collapse_state: dict[str, Any] = {"step": None, "rankme": None, "feature_std": None,
-                                               "first_std": None, "collapsed_at": None}
+        self.collapse_state: dict[str, Any] = dict.fromkeys(("step", "rankme", "feature_std", "first_std",
+                                                             "first_rankme", "collapsed_at"))
 
         if cfg.data.batch_size % self.dist.world_size:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the "
@@ -403,20 +402,22 @@ class Trainer:
     def check_collapse(self) -> bool:
         """Measure the probe's RankMe and feature std and judge collapse; True when the run should stop.
 
-        Collapse: RankMe below train.collapse_rankme, or the feature std below train.collapse_std_ratio times
-        its first reading (the untrained network's, for a fresh run). The first reading is never judged. The
-        first collapse of a run warns once (`CollapseWarning`, rank 0); with train.stop_on_collapse it also
-        sets `stop_reason` and asks the loop to stop.
+        Collapse: RankMe below train.collapse_rankme and its first reading (features that start that low, as an
+        untrained network's on a plain background, lost nothing), or the feature std below collapse_std_ratio x
+        its first reading. The first reading is never judged; the first collapse warns once (`CollapseWarning`,
+        rank 0), and with train.stop_on_collapse stops the loop.
         """
         t, st = self.cfg.train, self.collapse_state
         r, s = self.probe_metrics()
         first = st["first_std"] is None
         st.update(step=self.step, rankme=r, feature_std=s, first_std=s if first else st["first_std"])
-        if first:
+        if first or st.get("first_rankme") is None:  # (a checkpoint from before first_rankme: from now on)
+            st["first_rankme"] = r
             return False
         reasons = []
-        if r < t.collapse_rankme:
-            reasons.append(f"RankMe {r:.2f} < train.collapse_rankme={t.collapse_rankme:g}")
+        if r < min(t.collapse_rankme, st["first_rankme"]):
+            reasons.append(f"RankMe {r:.2f} < train.collapse_rankme={t.collapse_rankme:g}, and below its first "
+                           f"reading {st['first_rankme']:.2f}")
         if t.collapse_std_ratio and s < t.collapse_std_ratio * st["first_std"]:
             reasons.append(f"feature std {s:.3g} < train.collapse_std_ratio={t.collapse_std_ratio:g} x its first "
                            f"reading {st['first_std']:.3g}")
@@ -579,8 +580,7 @@ class Trainer:
             "momentum": m["momentum"], "imgs_per_s": imgs_per_s,
             "context_tokens": int(out.masks.context.shape[1]),
             "target_tokens": int(out.masks.targets.shape[1] * out.masks.targets.shape[2]),
-            "target_std": target_std,
-            **self._collapse_columns(),
+            "target_std": target_std, **self._collapse_columns(),
         }
 
     def _collapse_columns(self) -> dict:

@@ -211,6 +211,19 @@ def test_a_healthy_run_does_not_trip_the_collapse_guard(tmp_path, recwarn):
     assert len(checks) == 10 and min(h["probe_rankme"] for h in checks) > cfg.train.collapse_rankme
 
 
+def test_features_that_start_low_rank_are_not_called_collapsed_until_they_fall(tmp_path, recwarn):
+    """On a plain background an untrained encoder's RankMe can start under train.collapse_rankme (1.36 on the
+    dots, against the line at 1.5). Rising from there is no collapse; falling below both is."""
+    t = Trainer(tiny_config(tmp_path / "r", "train.steps=1"), progress=False)
+    readings = iter([(1.3, 1.0), (1.45, 1.0), (1.35, 1.0), (1.2, 1.0)])
+    t.probe_metrics = lambda: next(readings)
+    assert [t.check_collapse() for _ in range(3)] == [False, False, False]  # first, risen, not below the first
+    assert not [w for w in recwarn if issubclass(w.category, CollapseWarning)]
+    t.check_collapse()  # 1.2: below 1.5 and below its first reading 1.3
+    (w,) = [w for w in recwarn if issubclass(w.category, CollapseWarning)]
+    assert "RankMe 1.20 < train.collapse_rankme=1.5, and below its first reading 1.30" in str(w.message)
+
+
 def test_collapse_checks_change_no_training_number(tmp_path):
     """The probe batch is drawn under a forked RNG and encoded in eval mode: the losses are bit-identical."""
     extra = ["train.steps=6", "model.drop_path_rate=0.1"]  # drop path draws from the RNG the probe must not use

@@ -39,7 +39,7 @@ GROUPED_SILHOUETTE = 0.05  # from here up to CLUSTERED_SILHOUETTE: the classes l
 # 0.05); in between, it depended on the dimension (0.17-0.44).
 GATHERING_PURITY = 0.7
 MIXED_PURITY = 0.4
-MAP_NEIGHBOURS = 20  # the neighbours `cluster_verdict` counts on a 2-D map
+MAP_NEIGHBOURS = 10  # the neighbours `cluster_verdict` counts on a 2-D map (as `neighbour_purity`)
 
 
 def probe_noise(p1: float, p2: float, n_test: int, seed_spread: float = 0.0) -> float:
@@ -202,11 +202,11 @@ def cluster_verdict(xy, labels, name: str = "this map") -> str:
     First the class silhouette (`cluster_score`): 0.25 or more, separate clusters; 0.05 or more, a lean. A
     silhouette asks each class to gather in ONE place, so a class that gathers in two groups (the dots' light
     and dark figures, say) scores about 0 however clean the groups are. So below 0.05 the map's own neighbour
-    purity decides (`neighbour_purity` of the 2-D points, k = MAP_NEIGHBOURS = 20): when at least MIXED_PURITY
-    of each point's 20 nearest points on the map share its class, the classes gather in groups, some in more
+    purity decides (`neighbour_purity` of the 2-D points, k = MAP_NEIGHBOURS = 10): when at least MIXED_PURITY
+    of each point's 10 nearest points on the map share its class, the classes gather in groups, some in more
     than one (or in many small clumps: the sentence gives the share, and says there is no cluster per class).
     E.g. "In the trained encoder's t-SNE the classes do NOT form clusters: the colours are mixed (class
-    silhouette -0.09, 14% of each point's 20 nearest points on the map share its class, chance 10%; ...)."."""
+    silhouette -0.09; ...; 14% of each point's 10 nearest points on the map share its class, chance 10%)."."""
     score = cluster_score(xy, labels)
     purity, chance = neighbour_purity(xy, labels, k=MAP_NEIGHBOURS)
     scale = (f"class silhouette {score:.2f}; {CLUSTERED_SILHOUETTE:g} or more means separate clusters, "
